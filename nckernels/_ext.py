@@ -1,0 +1,48 @@
+"""Load the C++ extension ``nckernels._C``: prebuilt by setup.py, else JIT-compiled with ninja.
+
+``get()`` returns the module or ``None``; the package works without it (reference path) and
+warns once. ``NCKERNELS_NO_JIT=1`` disables the JIT fallback.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+_error: str | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def get():
+    global _error
+    try:
+        from . import _C  # type: ignore[attr-defined]
+
+        return _C
+    except ImportError as exc:
+        _error = f"prebuilt nckernels._C not found ({exc})"
+    if os.environ.get("NCKERNELS_NO_JIT", "0") != "1":
+        sources = sorted(str(p) for p in (Path(__file__).parent.parent / "csrc").glob("*.cpp"))
+        if sources:
+            try:
+                from torch.utils.cpp_extension import load
+
+                return load(
+                    name="nckernels_C",
+                    sources=sources,
+                    extra_cflags=["-O3", "-fopenmp", "-march=native"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as exc:  # compiler or ninja missing, build error
+                _error += f"; JIT build failed ({type(exc).__name__}: {exc})"
+        else:
+            _error += "; csrc/ sources not found for a JIT build"
+    warnings.warn(f"nckernels: C++ extension unavailable, using the PyTorch reference path: {_error}")
+    return None
+
+
+def error() -> str | None:
+    """Why the extension is unavailable (``None`` if it loaded or was never asked for)."""
+    return _error

@@ -1,0 +1,73 @@
+"""The one place that decides which implementation runs a call.
+
+``impl="auto"`` picks Triton for CUDA tensors, the C++ CPU kernel where the op has one
+(and it won its CPU benchmark), else the PyTorch reference. An explicit ``impl=`` wins;
+otherwise the environment variable ``NCKERNELS_IMPL`` overrides ``auto``.
+``NCKERNELS_IMPL=triton`` with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU
+tensors (used by the tests).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "cpp", "reference")
+
+# Which backends each op has, and whether ``auto`` should prefer the C++ CPU kernel
+# (only where benchmarks/bench_cpu.py shows it beating the reference).
+_OP_BACKENDS = {
+    "linear_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose(op: str, impl: str, device: torch.device) -> str:
+    """Return the backend name that runs ``op`` on ``device`` for the requested ``impl``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    spec = _OP_BACKENDS[op]
+    if impl == "auto":
+        impl = os.environ.get("NCKERNELS_IMPL", "auto") or "auto"
+        if impl not in IMPLS:
+            raise ValueError(f"NCKERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and spec["auto_cpu"] == "cpp":
+            from . import _ext
+
+            if _ext.get() is not None:
+                return "cpp"
+        return "reference"
+    if impl not in spec["backends"]:
+        raise ValueError(f"impl={impl!r} is not available for {op}; choose from {spec['backends']}")
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("impl='triton' needs the triton package")
+        if device.type != "cuda" and not triton_interpreted():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to "
+                "run the kernels on CPU in the interpreter"
+            )
+    if impl == "cpp":
+        from . import _ext
+
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs on CPU tensors, got {device.type}")
+        if _ext.get() is None:
+            raise RuntimeError(f"impl='cpp' needs the C++ extension, which is unavailable: {_ext.error()}")
+    return impl

@@ -1,0 +1,154 @@
+"""User-facing functions: argument checks, backend choice, then the custom op."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from .ops.linear_cross_entropy import linear_ce_forward
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_tensor(name: str, t, *, dtypes=None, ndim=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_scalar(name: str, value, *, low=None, high=None, strict_low=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (strict_low and value == low)):
+        raise ValueError(f"{name} must be {'>' if strict_low else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    shift: bool = False,
+    return_lse: bool = False,
+    grad_filter: Optional[float] = None,
+    impl: str = "auto",
+):
+    """Cross-entropy of ``input @ linear_weight.T + linear_bias`` against ``target``, without logits.
+
+    A drop-in for ``torch.nn.functional.linear_cross_entropy`` (class-index targets) that never
+    materialises the ``N x V`` logits, on any backend. With ``z = x W^T + b``, optional
+    soft-capping ``z' = softcap * tanh(z / softcap)`` and ``lse = logsumexp(z')``, the per-token
+    loss is PyTorch's ``cross_entropy`` term (class ``weight`` and ``label_smoothing`` with
+    PyTorch's semantics) plus ``z_loss * weight[y] * lse**2``; ``reduction="mean"`` divides by
+    the summed weight of the non-ignored targets (NaN when all are ignored, like PyTorch).
+
+    Args:
+        input: ``(..., D)`` hidden states, fp32, fp16 or bf16.
+        linear_weight: ``(V, D)`` classifier / output-embedding weight, same dtype as ``input``.
+        target: ``(...)`` int64 or int32 class indices, ``ignore_index`` for ignored tokens.
+        linear_bias: optional ``(V,)`` bias.
+        weight: optional ``(V,)`` class weights.
+        z_loss: coefficient of the auxiliary ``lse**2`` term (PaLM), averaged like the loss.
+        softcap: ``c`` applies ``c * tanh(z / c)`` to the logits (Gemma-2); ``None`` for none.
+        shift: causal-LM shift: ``input[..., t, :]`` predicts ``target[..., t + 1]`` (no copy of
+            ``input``); the unreduced loss then has shape ``target.shape[:-1] + (T - 1,)``.
+        return_lse: also return the per-token log-sum-exp (fp32, differentiable; 0 at ignored
+            tokens, whose logits are never computed).
+        grad_filter: ``None`` (exact, the default) or a threshold ``tau``: backward tiles whose
+            logit gradients are all below ``tau`` in magnitude are skipped (an approximation, as
+            in Apple's Cut Cross-Entropy, which uses ``2**-12``); Triton backend only.
+        impl: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"`` (see ``nckernels.backend``).
+
+    Returns:
+        The fp32 loss (a scalar, or per token for ``reduction="none"``), and the fp32 LSE with the
+        shape of the unreduced loss when ``return_lse``.
+    """
+    _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
+    _check_tensor("linear_weight", linear_weight, ndim=2)
+    _check_tensor("target", target)
+    if input.dim() < 1:
+        raise ValueError("input must have at least 1 dimension (..., D)")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must match input dtype {input.dtype}")
+    V, D = linear_weight.shape
+    if input.shape[-1] != D:
+        raise ValueError(f"input has {input.shape[-1]} features but linear_weight has shape {(V, D)}")
+    if target.is_floating_point() or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal input.shape[:-1] = {tuple(input.shape[:-1])}")
+    if linear_bias is not None:
+        _check_tensor("linear_bias", linear_bias, ndim=1)
+        if linear_bias.shape[0] != V:
+            raise ValueError(f"linear_bias must have shape ({V},), got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias dtype {linear_bias.dtype} must match input dtype {input.dtype}")
+    if weight is not None:
+        _check_tensor("weight", weight, ndim=1)
+        if not weight.is_floating_point():
+            raise TypeError(f"weight (class weights) must be floating point, got {weight.dtype}")
+        if weight.shape[0] != V:
+            raise ValueError(f"weight (class weights) must have shape ({V},), got {tuple(weight.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias),
+                    ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_scalar("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    _check_scalar("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        _check_scalar("softcap", softcap, low=0.0, strict_low=True)
+    if grad_filter is not None:
+        _check_scalar("grad_filter", grad_filter, low=0.0, strict_low=True)
+    if shift and input.dim() < 2:
+        raise ValueError("shift=True needs input of shape (..., T, D)")
+    chosen = _backend.choose("linear_cross_entropy", impl, input.device)
+    if grad_filter is not None and chosen != "triton":
+        raise ValueError(f"grad_filter is implemented by the Triton backend only (impl resolved to {chosen!r})")
+
+    target = target.long()
+    if shift:  # token t predicts t + 1; the last position of each sequence predicts nothing
+        target = torch.cat([target[..., 1:], target.new_full(target.shape[:-1] + (1,), ignore_index)], -1)
+    lead_shape = target.shape
+    class_weight = weight.float().contiguous() if weight is not None else None
+    loss_tok, lse = linear_ce_forward(
+        input.reshape(-1, D), linear_weight, linear_bias, target.reshape(-1), class_weight,
+        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0),
+        float(grad_filter or 0.0), chosen,
+    )
+    if reduction == "none":
+        loss = loss_tok.view(lead_shape)
+        if shift:
+            loss = loss[..., :-1]
+    elif reduction == "sum":
+        loss = loss_tok.sum()
+    else:
+        valid = target.reshape(-1) != ignore_index
+        if class_weight is None:
+            denom = valid.sum()
+        else:
+            denom = (class_weight[torch.where(valid, target.reshape(-1), 0)] * valid).sum()
+        loss = loss_tok.sum() / denom
+    if not return_lse:
+        return loss
+    lse = lse.view(lead_shape)
+    return loss, (lse[..., :-1] if shift else lse)

@@ -1,0 +1,1 @@
+"""Autograd custom ops (``torch.library.custom_op``), one file per op family."""

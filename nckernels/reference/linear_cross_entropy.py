@@ -1,0 +1,135 @@
+"""Chunked PyTorch linear cross-entropy: the executable spec and the CPU path.
+
+For token ``i`` with hidden row ``x_i`` and target ``y_i``, logits ``z_ij = x_i . w_j + b_j``,
+optionally soft-capped ``z'_ij = c tanh(z_ij / c)``, ``lse_i = log sum_j exp z'_ij`` and, with
+class weights ``omega`` (all ones when absent) and smoothing ``eps``::
+
+    loss_i = (1 - eps) omega_y (lse_i - z'_iy) + eps / V * sum_j omega_j (lse_i - z'_ij)
+             + z_loss * omega_y * lse_i ** 2
+
+which is PyTorch's ``cross_entropy`` per-token loss (the smoothing term included) plus the
+PaLM z-loss, weighted like the token. The gradient w.r.t. the capped logits is::
+
+    dL/dz'_ij = a_i p_ij - b_i [j = y_i] - c_i omega_j,    p = softmax(z'_i)
+
+with per-token coefficients ``a, b, c`` from :func:`grad_coefficients`; soft-capping
+multiplies it by ``1 - (z'_ij / c)**2``. Rows are processed in chunks so that the peak
+extra memory stays under ``chunk_bytes`` (default 256 MiB, env
+``NCKERNELS_REFERENCE_CHUNK_MB``): the ``N x V`` logits never exist.
+
+``rows_forward`` / ``rows_backward_`` are the per-chunk epilogues; the C++ extension
+provides the same two functions (``impl="cpp"``), fused into one pass over the chunk.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_bytes() -> int:
+    mb = os.environ.get("NCKERNELS_REFERENCE_CHUNK_MB")
+    return int(float(mb) * 2**20) if mb else DEFAULT_CHUNK_BYTES
+
+
+def rows_forward(z, target, class_weight, label_smoothing, softcap):
+    """Per-row ``(lse, z'_target, sum_j omega_j z'_j)`` of raw fp32 logits ``z`` (n x V)."""
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    z_target = z.gather(1, target[:, None]).squeeze(1)
+    if label_smoothing > 0:
+        z_smooth = (z @ class_weight) if class_weight is not None else z.sum(-1)
+    else:
+        z_smooth = torch.zeros_like(lse)
+    return lse, z_target, z_smooth
+
+
+def rows_backward_(z, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap):
+    """Overwrite raw fp32 logits ``z`` (n x V) with ``dL/dz`` (see the module docstring)."""
+    if softcap > 0:
+        z.div_(softcap).tanh_()  # t = tanh(z / c); z' = c t; dz'/dz = 1 - t^2
+        tanh = z.clone()
+        z.mul_(softcap)
+    z.sub_(lse[:, None]).exp_().mul_(coef_p[:, None])
+    z.scatter_add_(1, target[:, None], -coef_target[:, None])
+    if class_weight is not None:
+        z.addr_(coef_uniform, class_weight, alpha=-1.0)
+    else:
+        z.sub_(coef_uniform[:, None])
+    if softcap > 0:
+        z.mul_(1 - tanh * tanh)
+    return z
+
+
+def token_loss(lse, z_target, z_smooth, omega_target, smooth_total, label_smoothing, z_loss, num_classes):
+    """Per-token loss from the row statistics (all fp32 vectors)."""
+    loss = (1 - label_smoothing) * omega_target * (lse - z_target)
+    if label_smoothing > 0:
+        loss = loss + label_smoothing / num_classes * (smooth_total * lse - z_smooth)
+    if z_loss > 0:
+        loss = loss + z_loss * omega_target * lse * lse
+    return loss
+
+
+def grad_coefficients(grad_loss, grad_lse, lse, omega_target, smooth_total, label_smoothing, z_loss, num_classes):
+    """Per-token ``(a, b, c)`` with ``dL/dz'_ij = a_i p_ij - b_i [j = y_i] - c_i omega_j``."""
+    eps = label_smoothing
+    b = grad_loss * (1 - eps) * omega_target
+    c = grad_loss * (eps / num_classes)
+    a = b + c * smooth_total + grad_lse
+    if z_loss > 0:
+        a = a + grad_loss * (2 * z_loss) * omega_target * lse
+    return a, b, c
+
+
+def _row_chunks(n_rows, num_classes, budget):
+    # logits chunk (fp32) plus the softcap/temporaries: about 3 fp32 copies per element
+    rows = max(1, budget // max(1, 3 * 4 * num_classes))
+    for start in range(0, n_rows, rows):
+        yield start, min(n_rows, start + rows)
+
+
+def _logits(x, w, bias):
+    """fp32 logits of a row chunk; low-precision inputs are multiplied in their dtype (fp32
+    accumulation where the device's matmul offers an fp32 output, as on CUDA)."""
+    if x.dtype == torch.float32 or x.device.type != "cuda":
+        z = (x @ w.T).float()
+    else:
+        z = torch.mm(x, w.T, out_dtype=torch.float32)
+    if bias is not None:
+        z += bias.float()
+    return z
+
+
+def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, budget=None, epilogue=rows_forward):
+    """Row statistics ``(lse, z'_target, z_smooth)`` for the hidden rows ``x[rows]``."""
+    budget = budget or chunk_bytes()
+    n, V = rows.numel(), w.shape[0]
+    out = [torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(3)]
+    for lo, hi in _row_chunks(n, V, budget):
+        z = _logits(x[rows[lo:hi]], w, bias)
+        for o, r in zip(out, epilogue(z, target[lo:hi], class_weight, label_smoothing, softcap)):
+            o[lo:hi] = r
+    return tuple(out)
+
+
+def backward(x, w, bias, rows, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap,
+             budget=None, epilogue=rows_backward_):
+    """``(dx, dw, db)`` of ``sum_i (a_i lse_i - b_i z'_iy - c_i sum_j omega_j z'_ij)``, exact fp32 accumulation."""
+    budget = budget or chunk_bytes()
+    n, V = rows.numel(), w.shape[0]
+    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    db = torch.zeros(V, dtype=torch.float32, device=w.device) if bias is not None else None
+    for lo, hi in _row_chunks(n, V, budget):
+        xr = x[rows[lo:hi]]
+        dz = epilogue(_logits(xr, w, bias), target[lo:hi], class_weight, lse[lo:hi], coef_p[lo:hi],
+                      coef_target[lo:hi], coef_uniform[lo:hi], softcap)
+        dx[rows[lo:hi]] = (dz.to(w.dtype) @ w).to(x.dtype)
+        dw.addmm_(dz.T, xr.float())
+        if db is not None:
+            db += dz.sum(0)
+    return dx, dw.to(w.dtype), (db.to(bias.dtype) if db is not None else None)
