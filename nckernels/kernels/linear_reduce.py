@@ -1,0 +1,359 @@
+"""Row reductions over implicit logits ``z = x W^T + b`` (DESIGN.md family 1): Triton kernels.
+
+No ``N x V`` logits ever reach global memory, not even a chunk: every kernel computes a
+``BLOCK_M x BLOCK_V`` tile of logits in registers (``_logits_tile``), applies the logit
+transform (soft-capping here), and reduces it on the spot.
+
+* ``forward``: grid ``(row tiles, vocabulary splits)``; each program streams its split's
+  vocabulary tiles with an online log-sum-exp and also sums the target logit and the
+  class-weighted logit sum (label smoothing). Per-split partials ``(max, sumexp, z_target,
+  z_smooth)`` (``4 x splits x N`` floats) are merged on the host: deterministic.
+* ``backward``: recomputes each tile, forms ``dL/dz`` from the per-token coefficients
+  ``(a, b, c)`` of ``reference.linear_cross_entropy`` (``dL/dz' = a p - b onehot - c omega``),
+  then ``dX += dZ W`` and ``dW += dZ^T X``, accumulated in fp32:
+  - default: one fused kernel over ``(row tile, vocab tile)`` that atomically adds its
+    contributions (fp32 atomics: exact, not bitwise reproducible);
+  - ``deterministic=True``: two kernels with exclusive ownership (one program per row tile
+    for ``dX``, one per vocabulary tile for ``dW`` and ``db``), fixed summation order,
+    bitwise reproducible, at the price of recomputing the logits twice;
+  - ``grad_filter=tau`` (opt-in approximation): tiles whose ``|dL/dz|`` are all below
+    ``tau`` skip the two gradient products.
+  Low-precision weights accumulate ``dW`` in an fp32 buffer of at most ``SLAB_BYTES`` that is
+  cast into the gradient slab by slab, so extra memory is ``O(N D + slab)``, never ``O(N V)``.
+
+Ignored tokens are dropped before launch (``rows`` lists the tokens that count): they cost
+no FLOPs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SLAB_BYTES = 256 * 2**20
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1, no inf/inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 tile ``z[m, v] = X[rows[m]] . W[offs_v[v]] (+ B[offs_v[v]])``."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * stride_x + offs_k[None, :]
+    w_ptrs = W + offs_v[None, :] * stride_w + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(D, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_v[None, :], other=0.0)
+        else:
+            k_left = D - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(w_ptrs, mask=mask_v[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _forward_kernel(X, W, B, CW, ROWS, TGT, PART, n_rows, V, D, stride_x, stride_w, tiles_per_split, softcap,
+                    HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    rows = tl.load(ROWS + offs_m, mask=mask_m, other=0)
+    tgt = tl.load(TGT + offs_m, mask=mask_m, other=0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    z_tgt = tl.zeros((BLOCK_M,), tl.float32)
+    z_smooth = tl.zeros((BLOCK_M,), tl.float32)
+    for t in range(0, tiles_per_split):
+        offs_v = (pid_s * tiles_per_split + t) * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        if SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z_in = tl.where(mask_v[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z_in, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # two -inf maxima must not make NaN
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z_in - m_safe[:, None]), axis=1)
+        m_i = m_new
+        z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        if SMOOTH:
+            if HAS_CW:
+                z = z * tl.load(CW + offs_v, mask=mask_v, other=0.0)[None, :]
+            z_smooth += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+    out = PART + pid_s * n_rows + offs_m
+    plane = n_splits * n_rows
+    tl.store(out, m_i, mask=mask_m)
+    tl.store(out + plane, l_i, mask=mask_m)
+    tl.store(out + 2 * plane, z_tgt, mask=mask_m)
+    tl.store(out + 3 * plane, z_smooth, mask=mask_m)
+
+
+@triton.jit
+def _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
+                      stride_x, stride_w, softcap,
+                      HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """fp32 tile of ``dL/dz = (a p - b onehot - c omega) * t'(z)``, zero outside the masks."""
+    z = _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
+                     HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+    if SOFTCAP:
+        th = _tanh(z / softcap)
+        z = softcap * th
+    dz = coef_p[:, None] * tl.exp(z - lse[:, None])
+    dz -= tl.where(offs_v[None, :] == tgt[:, None], coef_t[:, None], 0.0)
+    if SMOOTH:
+        if HAS_CW:
+            dz -= coef_u[:, None] * tl.load(CW + offs_v, mask=mask_v, other=0.0)[None, :]
+        else:
+            dz -= coef_u[:, None]
+    if SOFTCAP:
+        dz *= 1.0 - th * th
+    return tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+
+
+@triton.jit
+def _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m):
+    rows = tl.load(ROWS + offs_m, mask=mask_m, other=0)
+    tgt = tl.load(TGT + offs_m, mask=mask_m, other=0)
+    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    coef_p = tl.load(CP + offs_m, mask=mask_m, other=0.0)
+    coef_t = tl.load(CT + offs_m, mask=mask_m, other=0.0)
+    coef_u = tl.load(CU + offs_m, mask=mask_m, other=0.0)
+    return rows, tgt, lse, coef_p, coef_t, coef_u
+
+
+@triton.jit
+def _backward_atomic_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB, n_rows, v_lo, v_hi, D,
+                            stride_x, stride_w, softcap, filter_eps,
+                            HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
+                            SMOOTH: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                            EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (row tile, vocab tile) of the slab ``[v_lo, v_hi)``; fp32 atomics into
+    ``DX (n_rows, D)``, ``DW (v_hi - v_lo, D)`` and ``DB``."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(n_rows, BLOCK_M)
+    n_v = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    per_group = GROUP_M * n_v  # grouped order: GROUP_M row tiles share each streamed W tile in L2
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_v = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < v_hi
+    rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
+    dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
+                           stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
+                           BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+    keep = True
+    if FILTER:
+        keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+    if keep:
+        if HAS_BIAS:
+            tl.atomic_add(DB + offs_v - v_lo, tl.sum(dz, axis=0), mask=mask_v)
+        dz_in = dz.to(X.dtype.element_ty)
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
+        x_ptrs = X + rows[:, None] * stride_x + offs_k[None, :]
+        dx_ptrs = DX + offs_m[:, None] * D + offs_k[None, :]
+        dw_ptrs = DW + (offs_v - v_lo)[:, None] * D + offs_k[None, :]
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            mask_k = offs_k < D - k * BLOCK_K
+            w_k = tl.load(w_ptrs, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            tl.atomic_add(dx_ptrs, tl.dot(dz_in, w_k, input_precision=PRECISION),
+                          mask=mask_m[:, None] & mask_k[None, :])
+            x_k = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            tl.atomic_add(dw_ptrs, tl.dot(tl.trans(dz_in), x_k, input_precision=PRECISION),
+                          mask=mask_v[:, None] & mask_k[None, :])
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            dx_ptrs += BLOCK_K
+            dw_ptrs += BLOCK_K
+
+
+@triton.jit
+def _backward_dx_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, D, stride_x, stride_w, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
+                        SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Deterministic ``DX``: one program owns a row tile and sweeps the vocabulary in order."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
+    offs_k = tl.arange(0, BLOCK_K)
+    for v in range(0, tl.cdiv(V, BLOCK_V)):
+        offs_v = v * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
+                               stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
+                               BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        dz_in = dz.to(X.dtype.element_ty)
+        w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
+        dx_ptrs = DX + offs_m[:, None] * D + offs_k[None, :]
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            mask = mask_m[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
+            w_k = tl.load(w_ptrs, mask=mask_v[:, None] & (offs_k[None, :] < D - k * BLOCK_K), other=0.0)
+            acc = tl.load(dx_ptrs, mask=mask, other=0.0)
+            tl.store(dx_ptrs, tl.dot(dz_in, w_k, acc, input_precision=PRECISION), mask=mask)
+            w_ptrs += BLOCK_K
+            dx_ptrs += BLOCK_K
+
+
+@triton.jit
+def _backward_dw_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_rows, v_lo, v_hi, D, stride_x,
+                        stride_w, softcap,
+                        HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
+                        SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Deterministic ``DW`` and ``DB``: one program owns a vocab tile and sweeps the rows in order."""
+    offs_v = v_lo + tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < v_hi
+    offs_k = tl.arange(0, BLOCK_K)
+    db = tl.zeros((BLOCK_V,), tl.float32)
+    for m in range(0, tl.cdiv(n_rows, BLOCK_M)):
+        offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n_rows
+        rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
+        dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
+                               stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
+                               BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        db += tl.sum(dz, axis=0)
+        dz_t = tl.trans(dz.to(X.dtype.element_ty))
+        x_ptrs = X + rows[:, None] * stride_x + offs_k[None, :]
+        dw_ptrs = DW + (offs_v - v_lo)[:, None] * D + offs_k[None, :]
+        for k in range(0, tl.cdiv(D, BLOCK_K)):
+            mask = mask_v[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
+            x_k = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < D - k * BLOCK_K), other=0.0)
+            acc = tl.load(dw_ptrs, mask=mask, other=0.0)
+            tl.store(dw_ptrs, tl.dot(dz_t, x_k, acc, input_precision=PRECISION), mask=mask)
+            x_ptrs += BLOCK_K
+            dw_ptrs += BLOCK_K
+    if HAS_BIAS:
+        tl.store(DB + offs_v - v_lo, db, mask=mask_v)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+def _tiles(x: torch.Tensor) -> dict:
+    """Block shapes and launch settings for this device and dtype (``NCKERNELS_LCE_TILES=m,v,k,warps,stages``
+    overrides them, for tuning on the GPU)."""
+    if _interpreted() or x.device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_V=32, BLOCK_K=16, num_warps=4, num_stages=1)
+    override = os.environ.get("NCKERNELS_LCE_TILES")
+    if override:
+        m, v, k, w, s = (int(t) for t in override.split(","))
+        return dict(BLOCK_M=m, BLOCK_V=v, BLOCK_K=k, num_warps=w, num_stages=s)
+    if x.dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _common(x, w, bias, class_weight, softcap, smooth, cfg):
+    D = x.shape[1]
+    return dict(HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, SOFTCAP=softcap > 0,
+                SMOOTH=smooth, EVEN_K=D % cfg["BLOCK_K"] == 0, PRECISION=_precision(x), **cfg)
+
+
+def _row_major(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap):
+    """Per-row ``(lse, z'_target, sum_j omega_j z'_j)`` for the hidden rows ``x[rows]`` (fp32)."""
+    x, w = _row_major(x), _row_major(w)
+    n, (V, D) = rows.numel(), w.shape
+    cfg = _tiles(x)
+    n_m = triton.cdiv(n, cfg["BLOCK_M"])
+    n_v = triton.cdiv(V, cfg["BLOCK_V"])
+    splits = max(1, min(n_v, triton.cdiv(2 * _num_sms(x.device), n_m)))
+    tiles_per_split = triton.cdiv(n_v, splits)
+    splits = triton.cdiv(n_v, tiles_per_split)
+    part = torch.empty((4, splits, n), dtype=torch.float32, device=x.device)
+    _forward_kernel[(n_m, splits)](
+        x, w, bias, class_weight, rows, target, part, n, V, D, x.stride(0), w.stride(0), tiles_per_split,
+        float(softcap), **_common(x, w, bias, class_weight, softcap, label_smoothing > 0, cfg),
+    )
+    m, s = part[0], part[1]
+    m_max = m.max(0).values
+    lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(0))
+    return lse, part[2].sum(0), part[3].sum(0)
+
+
+def backward(x, w, bias, rows, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap,
+             grad_filter=0.0, deterministic=False):
+    """``(dx, dw, db)`` of ``sum_i a_i lse_i - b_i z'_iy - c_i sum_j omega_j z'_ij`` over ``rows``."""
+    x, w = _row_major(x), _row_major(w)
+    n, (V, D) = rows.numel(), w.shape
+    cfg = _tiles(x)
+    flags = _common(x, w, bias, class_weight, softcap, bool((coef_uniform != 0).any()), cfg)
+    terms = (rows, target, lse.contiguous(), coef_p.contiguous(), coef_target.contiguous(),
+             coef_uniform.contiguous())
+    n_m = triton.cdiv(n, cfg["BLOCK_M"])
+    dx_rows = torch.zeros((n, D), dtype=torch.float32, device=x.device)
+    direct = w.dtype == torch.float32  # accumulate straight into the gradient
+    dw = torch.zeros_like(w) if direct else torch.empty_like(w)
+    db = torch.zeros(V, dtype=torch.float32, device=w.device) if bias is not None else None
+    slab = V if direct else max(cfg["BLOCK_V"], SLAB_BYTES // (4 * D) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
+    buf = dw if direct else torch.empty((min(slab, V), D), dtype=torch.float32, device=w.device)
+    if deterministic:
+        _backward_dx_kernel[(n_m,)](x, w, bias, class_weight, *terms, dx_rows, n, V, D, x.stride(0), w.stride(0),
+                                    float(softcap), **flags)
+    for v_lo in range(0, V, slab):
+        v_hi = min(V, v_lo + slab)
+        if not direct:
+            buf.zero_()
+        db_slab = db[v_lo:v_hi] if db is not None else None
+        n_v = triton.cdiv(v_hi - v_lo, cfg["BLOCK_V"])
+        if deterministic:
+            _backward_dw_kernel[(n_v,)](x, w, bias, class_weight, *terms, buf, db_slab, n, v_lo, v_hi, D,
+                                        x.stride(0), w.stride(0), float(softcap), **flags)
+        else:
+            buf_slab = buf if not direct else dw[v_lo:v_hi]
+            _backward_atomic_kernel[(n_m * n_v,)](
+                x, w, bias, class_weight, *terms, dx_rows, buf_slab, db_slab, n, v_lo, v_hi, D,
+                x.stride(0), w.stride(0), float(softcap), float(grad_filter),
+                FILTER=grad_filter > 0, GROUP_M=8, **flags,
+            )
+        if not direct:
+            dw[v_lo:v_hi] = buf[: v_hi - v_lo]
+    dx = torch.zeros_like(x)
+    dx[rows] = dx_rows.to(x.dtype)
+    return dx, dw, (db.to(bias.dtype) if db is not None else None)
