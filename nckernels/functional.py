@@ -75,6 +75,9 @@ def linear_cross_entropy(
             in Apple's Cut Cross-Entropy, which uses ``2**-12``); Triton backend only.
         impl: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"`` (see ``nckernels.backend``).
 
+    Under ``torch.autocast`` the projection runs in the autocast dtype (as ``F.linear`` would)
+    and the loss in fp32.
+
     Returns:
         The fp32 loss (a scalar, or per token for ``reduction="none"``), and the fp32 LSE with the
         shape of the unreduced loss when ``return_lse``.
@@ -82,6 +85,10 @@ def linear_cross_entropy(
     _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
     _check_tensor("linear_weight", linear_weight, ndim=2)
     _check_tensor("target", target)
+    if torch.is_autocast_enabled(input.device.type):  # the linear layer runs in autocast's dtype, like F.linear
+        cast = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight = input.to(cast), linear_weight.to(cast)
+        linear_bias = linear_bias.to(cast) if linear_bias is not None else None
     if input.dim() < 1:
         raise ValueError("input must have at least 1 dimension (..., D)")
     if linear_weight.dtype != input.dtype:
