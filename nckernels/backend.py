@@ -19,6 +19,9 @@ IMPLS = ("auto", "triton", "cpp", "reference")
 # (only where benchmarks/bench_cpu.py shows it beating the reference).
 _OP_BACKENDS = {
     "linear_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+    "softmax": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    "cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+    "stablemax_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
 }
 
 

@@ -159,3 +159,144 @@ def linear_cross_entropy(
         return loss
     lse = lse.view(lead_shape)
     return loss, (lse[..., :-1] if shift else lse)
+
+
+# ----------------------------------------------------------------------------- explicit logits
+
+def _rows_last(x: Tensor, dim: int):
+    """``x`` with ``dim`` moved last, as a contiguous ``(R, C)`` matrix, and how to undo it."""
+    if not -x.dim() <= dim < max(x.dim(), 1):
+        raise ValueError(f"dim {dim} is out of range for a tensor of {x.dim()} dimensions")
+    moved = x.movedim(dim, -1) if x.dim() else x.reshape(1)
+    shape = moved.shape
+    return moved.reshape(-1, shape[-1]).contiguous(), shape
+
+
+def _normalize(x: Tensor, dim: int, log: bool, stable: bool, impl: str, name: str) -> Tensor:
+    from .ops.rowwise import normalize
+
+    _check_tensor("input", x, dtypes=_FLOAT_DTYPES)
+    backend = _backend.choose("softmax", impl, x.device)
+    rows, shape = _rows_last(x, dim)
+    y = normalize(rows, log, stable, backend).view(shape)
+    return y.movedim(-1, dim) if x.dim() else y.view(())
+
+
+def softmax(input: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
+    """``exp(x_i - lse(x))`` along ``dim``, in the input dtype (fp32 accumulation; online when a row
+    does not fit on chip)."""
+    return _normalize(input, dim, False, False, impl, "softmax")
+
+
+def log_softmax(input: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
+    """``x_i - lse(x)`` along ``dim``, in the input dtype."""
+    return _normalize(input, dim, True, False, impl, "log_softmax")
+
+
+def stablemax(input: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
+    """StableMax ``s(x_i) / sum_j s(x_j)`` with ``s(x) = x + 1`` (x >= 0), ``1 / (1 - x)`` (x < 0)."""
+    return _normalize(input, dim, False, True, impl, "stablemax")
+
+
+def log_stablemax(input: Tensor, dim: int = -1, *, impl: str = "auto") -> Tensor:
+    """``log s(x_i) - log sum_j s(x_j)`` along ``dim``."""
+    return _normalize(input, dim, True, True, impl, "log_stablemax")
+
+
+def logsumexp(input: Tensor, dim: int = -1, keepdim: bool = False, *, impl: str = "auto") -> Tensor:
+    """``log sum exp`` along ``dim``, fp32 (rows of -inf give -inf, a +inf gives +inf, as in torch)."""
+    from .ops.rowwise import logsumexp as lse_op
+
+    _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
+    backend = _backend.choose("softmax", impl, input.device)
+    rows, shape = _rows_last(input, dim)
+    out = lse_op(rows, backend).view(shape[:-1])
+    return out.unsqueeze(dim) if keepdim and input.dim() else out
+
+
+def _class_rows(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, name: str):
+    """``(N, C, d...)`` logits and ``(N, d...)`` targets -> ``(R, C)`` rows, ``(R,)`` int64 targets."""
+    _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
+    _check_tensor("target", target)
+    if target.is_floating_point() or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype} "
+                        f"(probability targets: impl='reference' of {name})")
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension")
+    class_dim = 0 if input.dim() == 1 else 1
+    expected = input.shape[:class_dim] + input.shape[class_dim + 1:]
+    if target.shape != expected:
+        raise ValueError(f"target shape {tuple(target.shape)} must be {tuple(expected)} for input of shape "
+                         f"{tuple(input.shape)}")
+    C = input.shape[class_dim]
+    if weight is not None:
+        _check_tensor("weight", weight, ndim=1)
+        if not weight.is_floating_point() or weight.shape[0] != C:
+            raise ValueError(f"weight (class weights) must be a floating ({C},) tensor, got "
+                             f"{weight.dtype} {tuple(weight.shape)}")
+    for n, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{n} is on {t.device} but input is on {input.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    rows, _ = _rows_last(input, class_dim)
+    cw = weight.float().contiguous() if weight is not None else None
+    return rows, target.reshape(-1).long(), cw, target.shape
+
+
+def _reduce(loss_tok: Tensor, target: Tensor, cw: Optional[Tensor], ignore_index: int, reduction: str, shape):
+    if reduction == "none":
+        return loss_tok.view(shape)
+    if reduction == "sum":
+        return loss_tok.sum()
+    valid = target != ignore_index
+    denom = valid.sum() if cw is None else (cw[torch.where(valid, target, 0)] * valid).sum()
+    return loss_tok.sum() / denom
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, impl: str = "auto") -> Tensor:
+    """``F.cross_entropy`` on explicit logits (class dim 1), with z-loss and soft-capping.
+
+    Per row: PyTorch's weighted, label-smoothed cross-entropy of ``z' = softcap tanh(z / softcap)``
+    plus ``z_loss * weight[y] * lse**2``. Class-index targets run on the chosen backend (one
+    read of the logits forward, one read + one write backward); probability targets (a float
+    ``target`` shaped like ``input``) go through PyTorch (the reference).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check_scalar("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    _check_scalar("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        _check_scalar("softcap", softcap, low=0.0, strict_low=True)
+    if isinstance(target, Tensor) and target.is_floating_point() and target.shape == input.shape:
+        if z_loss or softcap:
+            raise ValueError("z_loss and softcap need class-index targets")
+        return torch.nn.functional.cross_entropy(input.float(), target.float(), weight, reduction=reduction,
+                                                 label_smoothing=label_smoothing)
+    from .ops.rowwise import cross_entropy_forward
+
+    rows, tgt, cw, shape = _class_rows(input, target, weight, ignore_index, "cross_entropy")
+    backend = _backend.choose("cross_entropy", impl, input.device)
+    loss_tok, _ = cross_entropy_forward(rows, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
+                                        float(softcap or 0.0), backend)
+    return _reduce(loss_tok, tgt, cw, ignore_index, reduction, shape)
+
+
+def stablemax_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                            ignore_index: int = -100, reduction: str = "mean", *, impl: str = "auto") -> Tensor:
+    """Cross-entropy of StableMax probabilities, ``weight[y] * log1p(sum_{j != y} s(x_j) / s(x_y))``.
+
+    The log1p form stays exact in fp32 on confident rows (no ``-log(s_y / S)`` cancellation) and
+    has no NaN at ``x = 1``; gradient ``weight[y] (p_j - [j = y]) / (1 + |x_j|)``. Reductions and
+    ``ignore_index`` as in ``F.cross_entropy``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    from .ops.rowwise import stablemax_ce_forward
+
+    rows, tgt, cw, shape = _class_rows(input, target, weight, ignore_index, "stablemax_cross_entropy")
+    backend = _backend.choose("stablemax_cross_entropy", impl, input.device)
+    loss_tok, _ = stablemax_ce_forward(rows, tgt, cw, ignore_index, backend)
+    return _reduce(loss_tok, tgt, cw, ignore_index, reduction, shape)

@@ -71,7 +71,7 @@ def token_loss(lse, z_target, z_smooth, omega_target, smooth_total, label_smooth
         loss = loss + label_smoothing / num_classes * (smooth_total * lse - z_smooth)
     if z_loss > 0:
         loss = loss + z_loss * omega_target * lse * lse
-    return loss
+    return torch.where(lse.isinf(), float("nan"), loss)  # an infinite logit: NaN, as in F.cross_entropy
 
 
 def grad_coefficients(grad_loss, grad_lse, lse, omega_target, smooth_total, label_smoothing, z_loss, num_classes):

@@ -1,0 +1,73 @@
+"""Row-wise ops on explicit logits in PyTorch: softmax family, StableMax, their statistics.
+
+StableMax (Prieto et al. 2025): ``s(x) = x + 1`` for ``x >= 0`` and ``1 / (1 - x)`` below;
+``StableMax(x)_i = s(x_i) / sum_j s(x_j)``. Its cross-entropy is computed as
+``log1p(S_other / s_y)`` with ``S_other = sum_{j != y} s(x_j)``, which stays accurate on
+confident rows where ``-log(s_y / S)`` loses everything to rounding. The gradient of
+StableMax CE is ``(p_j - [j = y]) / (1 + |x_j|)``; for (log-)StableMax it is the softmax
+family's formula times ``1 / (1 + |x|)``.
+
+Every function takes a row-major ``(R, C)`` matrix and reduces over its last dimension.
+"""
+from __future__ import annotations
+
+import torch
+
+from .linear_cross_entropy import rows_backward_, rows_forward
+
+
+def stablemax_s(x):
+    """``s(x)``; the ``1 / (1 - x)`` branch is never evaluated at ``x >= 1`` (no inf, no NaN grad)."""
+    return torch.where(x >= 0, x + 1, 1 / (1 - x.clamp(max=0)))
+
+
+def normalize(x, log: bool, stable: bool):
+    xf = x.float()
+    if stable:
+        s = stablemax_s(xf)
+        total = s.sum(-1, keepdim=True)
+        y = s.log() - total.log() if log else s / total
+    else:
+        y = torch.log_softmax(xf, -1) if log else torch.softmax(xf, -1)
+    return y.to(x.dtype)
+
+
+def normalize_backward(x, y, dy, log: bool, stable: bool):
+    yf, dyf = y.float(), dy.float()
+    if log:
+        dx = dyf - yf.exp() * dyf.sum(-1, keepdim=True)
+    else:
+        dx = yf * (dyf - (dyf * yf).sum(-1, keepdim=True))
+    if stable:
+        dx = dx / (1 + x.float().abs())
+    return dx.to(y.dtype)
+
+
+def softmax_stats(x, rows, target, class_weight, label_smoothing, softcap):
+    """``(lse, z'_target, sum_j omega_j z'_j)`` of the rows ``x[rows]`` (fp32)."""
+    return rows_forward(x[rows].float(), target, class_weight, label_smoothing, softcap)
+
+
+def stablemax_stats(x, rows, target):
+    """``(s(x_y), sum_{j != y} s(x_j))`` of the rows ``x[rows]`` (fp32)."""
+    s = stablemax_s(x[rows].float())
+    return s.gather(1, target[:, None]).squeeze(1), s.scatter(1, target[:, None], 0.0).sum(-1)
+
+
+def dlogits(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
+    """``dL/dx`` for every row (``norm``: LSE, or ``S`` for StableMax); ignored rows get 0."""
+    active = target != ignore_index
+    rows = active.nonzero().squeeze(1)
+    z = x[rows].float()
+    tgt = target[rows]
+    if stable:
+        p = stablemax_s(z) / norm[rows, None]
+        dz = coef_p[rows, None] * p
+        dz.scatter_add_(1, tgt[:, None], -coef_t[rows, None])
+        dz /= 1 + z.abs()
+    else:
+        dz = rows_backward_(z, tgt.clamp(min=0), class_weight, norm[rows], coef_p[rows], coef_t[rows] * (tgt >= 0),
+                            coef_u[rows], softcap)
+    dx = torch.zeros_like(x)
+    dx[rows] = dz.to(x.dtype)
+    return dx
