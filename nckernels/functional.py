@@ -82,6 +82,58 @@ def linear_cross_entropy(
         The fp32 loss (a scalar, or per token for ``reduction="none"``), and the fp32 LSE with the
         shape of the unreduced loss when ``return_lse``.
     """
+    _check_scalar("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    _check_scalar("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        _check_scalar("softcap", softcap, low=0.0, strict_low=True)
+    if grad_filter is not None:
+        _check_scalar("grad_filter", grad_filter, low=0.0, strict_low=True)
+    x, w, b, tgt, cw, lead, backend = _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction,
+                                                      ignore_index, shift, impl)
+    if grad_filter is not None and backend != "triton":
+        raise ValueError(f"grad_filter is implemented by the Triton backend only (impl resolved to {backend!r})")
+    loss_tok, lse = linear_ce_forward(x, w, b, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
+                                      float(softcap or 0.0), float(grad_filter or 0.0), backend)
+    loss = _reduce(loss_tok, tgt, cw, ignore_index, reduction, lead)
+    if reduction == "none" and shift:
+        loss = loss[..., :-1]
+    if not return_lse:
+        return loss
+    lse = lse.view(lead)
+    return loss, (lse[..., :-1] if shift else lse)
+
+
+def linear_stablemax_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    shift: bool = False,
+    impl: str = "auto",
+) -> Tensor:
+    """:func:`stablemax_cross_entropy` of ``input @ linear_weight.T + linear_bias``, without logits.
+
+    The fused kernels of :func:`linear_cross_entropy` with the StableMax logit transform: the
+    forward sums ``s(z)`` (no max pass), the backward recomputes tiles with
+    ``dL/dz_j = weight[y] (p_j - [j = y]) / (1 + |z_j|)``. Arguments as in
+    :func:`linear_cross_entropy`.
+    """
+    from .ops.linear_cross_entropy import linear_stablemax_ce_forward
+
+    x, w, b, tgt, cw, lead, backend = _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction,
+                                                      ignore_index, shift, impl)
+    loss_tok, _ = linear_stablemax_ce_forward(x, w, b, tgt, cw, ignore_index, backend)
+    loss = _reduce(loss_tok, tgt, cw, ignore_index, reduction, lead)
+    return loss[..., :-1] if reduction == "none" and shift else loss
+
+
+def _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, shift, impl):
+    """Check the arguments of the linear losses; return flat ``(x, w, b, target, class_weight)``,
+    the unreduced loss shape and the backend."""
     _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
     _check_tensor("linear_weight", linear_weight, ndim=2)
     _check_tensor("target", target)
@@ -120,45 +172,15 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    _check_scalar("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    _check_scalar("z_loss", z_loss, low=0.0)
-    if softcap is not None:
-        _check_scalar("softcap", softcap, low=0.0, strict_low=True)
-    if grad_filter is not None:
-        _check_scalar("grad_filter", grad_filter, low=0.0, strict_low=True)
     if shift and input.dim() < 2:
         raise ValueError("shift=True needs input of shape (..., T, D)")
-    chosen = _backend.choose("linear_cross_entropy", impl, input.device)
-    if grad_filter is not None and chosen != "triton":
-        raise ValueError(f"grad_filter is implemented by the Triton backend only (impl resolved to {chosen!r})")
-
+    backend = _backend.choose("linear_cross_entropy", impl, input.device)
     target = target.long()
     if shift:  # token t predicts t + 1; the last position of each sequence predicts nothing
         target = torch.cat([target[..., 1:], target.new_full(target.shape[:-1] + (1,), ignore_index)], -1)
-    lead_shape = target.shape
     class_weight = weight.float().contiguous() if weight is not None else None
-    loss_tok, lse = linear_ce_forward(
-        input.reshape(-1, D), linear_weight, linear_bias, target.reshape(-1), class_weight,
-        ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0),
-        float(grad_filter or 0.0), chosen,
-    )
-    if reduction == "none":
-        loss = loss_tok.view(lead_shape)
-        if shift:
-            loss = loss[..., :-1]
-    elif reduction == "sum":
-        loss = loss_tok.sum()
-    else:
-        valid = target.reshape(-1) != ignore_index
-        if class_weight is None:
-            denom = valid.sum()
-        else:
-            denom = (class_weight[torch.where(valid, target.reshape(-1), 0)] * valid).sum()
-        loss = loss_tok.sum() / denom
-    if not return_lse:
-        return loss
-    lse = lse.view(lead_shape)
-    return loss, (lse[..., :-1] if shift else lse)
+    return (input.reshape(-1, D), linear_weight, linear_bias, target.reshape(-1), class_weight, target.shape,
+            backend)
 
 
 # ----------------------------------------------------------------------------- explicit logits

@@ -32,17 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .logit_math import dlogits, fold_stats
+
 SLAB_BYTES = 256 * 2**20
 
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1, no inf/inf.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -73,8 +69,8 @@ def _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
 @triton.jit
 def _forward_kernel(X, W, B, CW, ROWS, TGT, PART, n_rows, V, D, stride_x, stride_w, tiles_per_split, softcap,
                     HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    STABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -82,8 +78,8 @@ def _forward_kernel(X, W, B, CW, ROWS, TGT, PART, n_rows, V, D, stride_x, stride
     mask_m = offs_m < n_rows
     rows = tl.load(ROWS + offs_m, mask=mask_m, other=0)
     tgt = tl.load(TGT + offs_m, mask=mask_m, other=0)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    stat0 = tl.zeros((BLOCK_M,), tl.float32) if STABLE else tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    stat1 = tl.zeros((BLOCK_M,), tl.float32)
     z_tgt = tl.zeros((BLOCK_M,), tl.float32)
     z_smooth = tl.zeros((BLOCK_M,), tl.float32)
     for t in range(0, tiles_per_split):
@@ -91,48 +87,27 @@ def _forward_kernel(X, W, B, CW, ROWS, TGT, PART, n_rows, V, D, stride_x, stride
         mask_v = offs_v < V
         z = _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-        if SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z_in = tl.where(mask_v[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z_in, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # two -inf maxima must not make NaN
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z_in - m_safe[:, None]), axis=1)
-        m_i = m_new
-        z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
-        if SMOOTH:
-            if HAS_CW:
-                z = z * tl.load(CW + offs_v, mask=mask_v, other=0.0)[None, :]
-            z_smooth += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+        stat0, stat1, z_tgt, z_smooth = fold_stats(z, offs_v, mask_v, tgt, CW, stat0, stat1, z_tgt, z_smooth,
+                                                   softcap, HAS_CW, SOFTCAP, SMOOTH, STABLE)
     out = PART + pid_s * n_rows + offs_m
     plane = n_splits * n_rows
-    tl.store(out, m_i, mask=mask_m)
-    tl.store(out + plane, l_i, mask=mask_m)
+    tl.store(out, stat0, mask=mask_m)
+    tl.store(out + plane, stat1, mask=mask_m)
     tl.store(out + 2 * plane, z_tgt, mask=mask_m)
     tl.store(out + 3 * plane, z_smooth, mask=mask_m)
 
 
 @triton.jit
-def _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
+def _grad_logits_tile(X, W, B, CW, rows, tgt, norm, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                       stride_x, stride_w, softcap,
                       HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """fp32 tile of ``dL/dz = (a p - b onehot - c omega) * t'(z)``, zero outside the masks."""
+                      STABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 tile of ``dL/dz`` (``logit_math.dlogits``) of the recomputed logits, zero outside the masks."""
     z = _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
                      HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-    if SOFTCAP:
-        th = _tanh(z / softcap)
-        z = softcap * th
-    dz = coef_p[:, None] * tl.exp(z - lse[:, None])
-    dz -= tl.where(offs_v[None, :] == tgt[:, None], coef_t[:, None], 0.0)
-    if SMOOTH:
-        if HAS_CW:
-            dz -= coef_u[:, None] * tl.load(CW + offs_v, mask=mask_v, other=0.0)[None, :]
-        else:
-            dz -= coef_u[:, None]
-    if SOFTCAP:
-        dz *= 1.0 - th * th
-    return tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+    return dlogits(z, offs_v, mask_m, mask_v, tgt, norm, coef_p, coef_t, coef_u, CW, softcap,
+                   HAS_CW, SOFTCAP, SMOOTH, STABLE)
 
 
 @triton.jit
@@ -150,7 +125,8 @@ def _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m):
 def _backward_atomic_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB, n_rows, v_lo, v_hi, D,
                             stride_x, stride_w, softcap, filter_eps,
                             HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
-                            SMOOTH: tl.constexpr, FILTER: tl.constexpr, GROUP_M: tl.constexpr,
+                            SMOOTH: tl.constexpr, STABLE: tl.constexpr, FILTER: tl.constexpr,
+                            GROUP_M: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                             EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (row tile, vocab tile) of the slab ``[v_lo, v_hi)``; fp32 atomics into
@@ -170,7 +146,7 @@ def _backward_atomic_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB,
     rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
     dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                            stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
-                           BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+                           STABLE, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
     keep = True
     if FILTER:
         keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
@@ -200,7 +176,7 @@ def _backward_atomic_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB,
 @triton.jit
 def _backward_dx_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, D, stride_x, stride_w, softcap,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
-                        SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        SMOOTH: tl.constexpr, STABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """Deterministic ``DX``: one program owns a row tile and sweeps the vocabulary in order."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,7 +188,7 @@ def _backward_dx_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, 
         mask_v = offs_v < V
         dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                                stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
-                               BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+                               STABLE, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         dz_in = dz.to(X.dtype.element_ty)
         w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
         dx_ptrs = DX + offs_m[:, None] * D + offs_k[None, :]
@@ -229,7 +205,7 @@ def _backward_dx_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, 
 def _backward_dw_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_rows, v_lo, v_hi, D, stride_x,
                         stride_w, softcap,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
-                        SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        SMOOTH: tl.constexpr, STABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """Deterministic ``DW`` and ``DB``: one program owns a vocab tile and sweeps the rows in order."""
     offs_v = v_lo + tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -242,7 +218,7 @@ def _backward_dw_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_rows,
         rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
         dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                                stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
-                               BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+                               STABLE, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         db += tl.sum(dz, axis=0)
         dz_t = tl.trans(dz.to(X.dtype.element_ty))
         x_ptrs = X + rows[:, None] * stride_x + offs_k[None, :]
@@ -280,10 +256,10 @@ def _precision(x: torch.Tensor) -> str:
     return "tf32"
 
 
-def _common(x, w, bias, class_weight, softcap, smooth, cfg):
+def _common(x, w, bias, class_weight, softcap, smooth, stable, cfg):
     D = x.shape[1]
     return dict(HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, SOFTCAP=softcap > 0,
-                SMOOTH=smooth, EVEN_K=D % cfg["BLOCK_K"] == 0, PRECISION=_precision(x), **cfg)
+                SMOOTH=smooth, STABLE=stable, EVEN_K=D % cfg["BLOCK_K"] == 0, PRECISION=_precision(x), **cfg)
 
 
 def _row_major(t):
@@ -296,8 +272,9 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap):
-    """Per-row ``(lse, z'_target, sum_j omega_j z'_j)`` for the hidden rows ``x[rows]`` (fp32)."""
+def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, stable=False):
+    """Row statistics of the hidden rows ``x[rows]`` (fp32): ``(lse, z'_target, sum_j omega_j z'_j)``,
+    or with ``stable`` (StableMax) ``(s(z_target), sum_{j != target} s(z_j))``."""
     x, w = _row_major(x), _row_major(w)
     n, (V, D) = rows.numel(), w.shape
     cfg = _tiles(x)
@@ -309,22 +286,24 @@ def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap):
     part = torch.empty((4, splits, n), dtype=torch.float32, device=x.device)
     _forward_kernel[(n_m, splits)](
         x, w, bias, class_weight, rows, target, part, n, V, D, x.stride(0), w.stride(0), tiles_per_split,
-        float(softcap), **_common(x, w, bias, class_weight, softcap, label_smoothing > 0, cfg),
+        float(softcap), **_common(x, w, bias, class_weight, softcap, label_smoothing > 0, stable, cfg),
     )
+    if stable:
+        return part[0].sum(0), part[1].sum(0)
     m, s = part[0], part[1]
-    m_max = m.max(0).values
-    lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(0))
-    return lse, part[2].sum(0), part[3].sum(0)
+    lse_split = torch.where(m.isinf(), 0.0, m) + torch.log(s)  # see logit_math.fold_stats
+    return torch.logsumexp(lse_split, 0), part[2].sum(0), part[3].sum(0)
 
 
-def backward(x, w, bias, rows, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap,
-             grad_filter=0.0, deterministic=False):
-    """``(dx, dw, db)`` of ``sum_i a_i lse_i - b_i z'_iy - c_i sum_j omega_j z'_ij`` over ``rows``."""
+def backward(x, w, bias, rows, target, class_weight, norm, coef_p, coef_target, coef_uniform, softcap,
+             grad_filter=0.0, deterministic=False, stable=False):
+    """``(dx, dw, db)`` from ``dL/dz = (a p - b onehot - c omega) t'(z)`` over ``rows``; ``norm`` is the
+    LSE (softmax) or ``S`` (StableMax) of each row."""
     x, w = _row_major(x), _row_major(w)
     n, (V, D) = rows.numel(), w.shape
     cfg = _tiles(x)
-    flags = _common(x, w, bias, class_weight, softcap, bool((coef_uniform != 0).any()), cfg)
-    terms = (rows, target, lse.contiguous(), coef_p.contiguous(), coef_target.contiguous(),
+    flags = _common(x, w, bias, class_weight, softcap, bool((coef_uniform != 0).any()), stable, cfg)
+    terms = (rows, target, norm.contiguous(), coef_p.contiguous(), coef_target.contiguous(),
              coef_uniform.contiguous())
     n_m = triton.cdiv(n, cfg["BLOCK_M"])
     dx_rows = torch.zeros((n, D), dtype=torch.float32, device=x.device)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..reference import linear_cross_entropy as ref
+from ..reference import rowwise as rowwise_ref
 
 
 def _valid_rows(target: Tensor, ignore_index: int, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -37,14 +38,38 @@ def _class_terms(class_weight: Optional[Tensor], tgt: Tensor, num_classes: int):
     return class_weight[tgt], class_weight.sum()
 
 
-def _backend_forward(backend: str):
+def _backend_forward(backend: str, stable: bool = False):
+    """``f(x, w, bias, rows, tgt, class_weight, label_smoothing, softcap)`` -> row statistics."""
     if backend == "triton":
         from ..kernels import linear_reduce
 
-        return linear_reduce.forward
+        return lambda *a: linear_reduce.forward(*a, stable=stable)
+    if stable:
+        if backend == "cpp":
+            C = _ext.get()
+            return lambda *a: ref.forward(*a, epilogue=lambda z, t, *_: C.stablemax_rows_forward(z, t))
+        return lambda *a: ref.forward(*a, epilogue=rowwise_ref.stablemax_rows_forward)
     if backend == "cpp":
         return lambda *a: ref.forward(*a, epilogue=_ext.get().ce_rows_forward)
     return ref.forward
+
+
+def _backend_backward(backend: str, stable: bool):
+    """``f(x, w, bias, rows, tgt, class_weight, norm, a, b, c, softcap, grad_filter)`` -> (dx, dw, db)."""
+    if backend == "triton":
+        from ..kernels import linear_reduce
+
+        return lambda *a, grad_filter: linear_reduce.backward(
+            *a, grad_filter=grad_filter, deterministic=torch.are_deterministic_algorithms_enabled(), stable=stable)
+    if stable:
+        if backend == "cpp":
+            C = _ext.get()
+            epilogue = lambda z, t, cw, norm, a, b, c, sc: C.stablemax_rows_backward_(z, t, norm, a, b)  # noqa: E731
+        else:
+            epilogue = rowwise_ref.stablemax_rows_backward_
+    else:
+        epilogue = _ext.get().ce_rows_backward_ if backend == "cpp" else ref.rows_backward_
+    return lambda *a, grad_filter: ref.backward(*a, epilogue=epilogue)
 
 
 @torch.library.custom_op("nckernels::linear_ce_forward", mutates_args=())
@@ -77,34 +102,31 @@ def _(x, w, bias, target, class_weight, ignore_index, label_smoothing, z_loss, s
 @torch.library.custom_op("nckernels::linear_ce_backward", mutates_args=())
 def linear_ce_backward(
     x: Tensor, w: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
-    lse: Tensor, grad_loss: Tensor, grad_lse: Tensor, ignore_index: int, label_smoothing: float,
-    z_loss: float, softcap: float, grad_filter: float, backend: str,
+    norm: Tensor, grad_loss: Tensor, grad_lse: Tensor, ignore_index: int, label_smoothing: float,
+    z_loss: float, softcap: float, grad_filter: float, stable: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the softmax (``norm``: LSE) or StableMax (``stable``, ``norm``: ``S``) loss."""
     V = w.shape[0]
     rows, tgt = _valid_rows(target, ignore_index, V)
     db_empty = w.new_zeros(V if bias is not None else 0)
     if rows.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(w), db_empty
     omega_t, smooth_total = _class_terms(class_weight, tgt, V)
-    lse_v = lse[rows]
-    a, b, c = ref.grad_coefficients(grad_loss[rows].float(), grad_lse[rows].float(), lse_v, omega_t,
-                                    smooth_total, label_smoothing, z_loss, V)
-    if backend == "triton":
-        from ..kernels import linear_reduce
-
-        dx, dw, db = linear_reduce.backward(
-            x, w, bias, rows, tgt, class_weight, lse_v, a, b, c, softcap,
-            grad_filter=grad_filter, deterministic=torch.are_deterministic_algorithms_enabled(),
-        )
+    norm_v, g = norm[rows], grad_loss[rows].float()
+    if stable:  # L = omega_y log(S / s_y): dL/dz = omega_y (p - onehot) / (1 + |z|)
+        a = b = g * omega_t
+        c = torch.zeros_like(a)
     else:
-        kwargs = {"epilogue": _ext.get().ce_rows_backward_} if backend == "cpp" else {}
-        dx, dw, db = ref.backward(x, w, bias, rows, tgt, class_weight, lse_v, a, b, c, softcap, **kwargs)
+        a, b, c = ref.grad_coefficients(g, grad_lse[rows].float(), norm_v, omega_t, smooth_total,
+                                        label_smoothing, z_loss, V)
+    dx, dw, db = _backend_backward(backend, stable)(x, w, bias, rows, tgt, class_weight, norm_v, a, b, c, softcap,
+                                                    grad_filter=grad_filter)
     return dx, dw, (db if db is not None else db_empty)
 
 
 @linear_ce_backward.register_fake
-def _(x, w, bias, target, class_weight, lse, grad_loss, grad_lse, ignore_index, label_smoothing,
-      z_loss, softcap, grad_filter, backend):
+def _(x, w, bias, target, class_weight, norm, grad_loss, grad_lse, ignore_index, label_smoothing,
+      z_loss, softcap, grad_filter, stable, backend):
     return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if bias is not None else 0)
 
 
@@ -121,8 +143,48 @@ def _backward(ctx, grad_loss, grad_lse):
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
     dx, dw, db = linear_ce_backward(x, w, bias, target, class_weight, lse, grad_loss, grad_lse,
-                                    ignore_index, label_smoothing, z_loss, softcap, grad_filter, backend)
+                                    ignore_index, label_smoothing, z_loss, softcap, grad_filter, False, backend)
     return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("nckernels::linear_ce_forward", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("nckernels::linear_stablemax_ce_forward", mutates_args=())
+def linear_stablemax_ce_forward(x: Tensor, w: Tensor, bias: Optional[Tensor], target: Tensor,
+                                class_weight: Optional[Tensor], ignore_index: int, backend: str
+                                ) -> tuple[Tensor, Tensor]:
+    """Per-token StableMax CE ``omega_y log1p(S_other / s_y)`` of ``z = x W^T + b`` and ``S`` (fp32)."""
+    M, V = target.shape[0], w.shape[0]
+    rows, tgt = _valid_rows(target, ignore_index, V)
+    loss = torch.zeros(M, dtype=torch.float32, device=x.device)
+    total = torch.zeros(M, dtype=torch.float32, device=x.device)
+    if rows.numel():
+        s_t, s_other = _backend_forward(backend, stable=True)(x, w, bias, rows, tgt, class_weight, 0.0, 0.0)[:2]
+        loss[rows] = _class_terms(class_weight, tgt, V)[0] * torch.log1p(s_other / s_t)
+        total[rows] = s_other + s_t
+    return loss, total
+
+
+@linear_stablemax_ce_forward.register_fake
+def _(x, w, bias, target, class_weight, ignore_index, backend):
+    M = target.shape[0]
+    return x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+
+def _stable_setup(ctx, inputs, output):
+    x, w, bias, target, class_weight, ctx.ignore_index, ctx.backend = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, w, bias, target, class_weight, output[1])
+
+
+def _stable_backward(ctx, grad_loss, grad_total):
+    x, w, bias, target, class_weight, total = ctx.saved_tensors
+    grad_loss = torch.zeros_like(total) if grad_loss is None else grad_loss
+    dx, dw, db = linear_ce_backward(x, w, bias, target, class_weight, total, grad_loss, torch.zeros_like(total),
+                                    ctx.ignore_index, 0.0, 0.0, 0.0, 0.0, True, ctx.backend)
+    return dx, dw, (db if ctx.has_bias else None), None, None, None, None
+
+
+torch.library.register_autograd("nckernels::linear_stablemax_ce_forward", _stable_backward,
+                                setup_context=_stable_setup)

@@ -105,13 +105,14 @@ def _logits(x, w, bias):
 
 
 def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, budget=None, epilogue=rows_forward):
-    """Row statistics ``(lse, z'_target, z_smooth)`` for the hidden rows ``x[rows]``."""
+    """Row statistics (``epilogue``'s, by default ``(lse, z'_target, z_smooth)``) of the hidden rows ``x[rows]``."""
     budget = budget or chunk_bytes()
     n, V = rows.numel(), w.shape[0]
-    out = [torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(3)]
+    out = None
     for lo, hi in _row_chunks(n, V, budget):
-        z = _logits(x[rows[lo:hi]], w, bias)
-        for o, r in zip(out, epilogue(z, target[lo:hi], class_weight, label_smoothing, softcap)):
+        stats = epilogue(_logits(x[rows[lo:hi]], w, bias), target[lo:hi], class_weight, label_smoothing, softcap)
+        out = out or [torch.empty(n, dtype=torch.float32, device=x.device) for _ in stats]
+        for o, r in zip(out, stats):
             o[lo:hi] = r
     return tuple(out)
 

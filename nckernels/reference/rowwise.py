@@ -50,8 +50,21 @@ def softmax_stats(x, rows, target, class_weight, label_smoothing, softcap):
 
 def stablemax_stats(x, rows, target):
     """``(s(x_y), sum_{j != y} s(x_j))`` of the rows ``x[rows]`` (fp32)."""
-    s = stablemax_s(x[rows].float())
-    return s.gather(1, target[:, None]).squeeze(1), s.scatter(1, target[:, None], 0.0).sum(-1)
+    return stablemax_rows_forward(x[rows].float(), target)
+
+
+def stablemax_rows_forward(z, target, class_weight=None, label_smoothing=0.0, softcap=0.0):
+    """Chunk epilogue of the linear op: ``(s(z_y), sum_{j != y} s(z_j))`` of fp32 logits ``z``."""
+    s = stablemax_s(z)
+    return s.gather(1, target[:, None]).squeeze(1), s.scatter_(1, target[:, None], 0.0).sum(-1)
+
+
+def stablemax_rows_backward_(z, target, class_weight, norm, coef_p, coef_t, coef_u=None, softcap=0.0):
+    """Overwrite fp32 logits ``z`` with ``(a s(z) / S - b [j = y]) / (1 + |z|)``."""
+    inv = 1 / (1 + z.abs())
+    z.copy_(stablemax_s(z)).div_(norm[:, None]).mul_(coef_p[:, None])
+    z.scatter_add_(1, target[:, None], -coef_t[:, None])
+    return z.mul_(inv)
 
 
 def dlogits(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
@@ -61,10 +74,7 @@ def dlogits(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, igno
     z = x[rows].float()
     tgt = target[rows]
     if stable:
-        p = stablemax_s(z) / norm[rows, None]
-        dz = coef_p[rows, None] * p
-        dz.scatter_add_(1, tgt[:, None], -coef_t[rows, None])
-        dz /= 1 + z.abs()
+        dz = stablemax_rows_backward_(z, tgt, None, norm[rows], coef_p[rows], coef_t[rows])
     else:
         dz = rows_backward_(z, tgt.clamp(min=0), class_weight, norm[rows], coef_p[rows], coef_t[rows] * (tgt >= 0),
                             coef_u[rows], softcap)
