@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -322,3 +322,51 @@ def stablemax_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tens
     backend = _backend.choose("stablemax_cross_entropy", impl, input.device)
     loss_tok, _ = stablemax_ce_forward(rows, tgt, cw, ignore_index, backend)
     return _reduce(loss_tok, tgt, cw, ignore_index, reduction, shape)
+
+
+class SoftmaxCollapse(NamedTuple):
+    """Softmax-Collapse measures of one batch of logits (0-d fp32 tensors; no host sync)."""
+
+    sc_fraction: Tensor  # rows whose max-shifted sum_j exp(z_j - max) rounds to exactly 1
+    zero_loss_fraction: Optional[Tensor]  # rows (with a target) whose CE loss is exactly 0
+    rows: int
+
+
+def softmax_collapse(logits: Tensor, target: Optional[Tensor] = None, *, ignore_index: int = -100,
+                     impl: str = "auto") -> SoftmaxCollapse:
+    """Softmax Collapse diagnostics (Prieto et al. 2025) of ``logits (..., C)``, classes last.
+
+    A row has collapsed when, in the logits' precision, ``sum_j exp(z_j - max_k z_k)`` rounds to
+    exactly 1: every other class underflows next to the largest, and the loss and its gradient
+    become exactly 0. Returns the fraction of such rows and, given ``target``, the fraction of
+    (non-ignored) rows whose cross-entropy ``lse - z_y`` is exactly 0 in the logits' precision.
+    One read of the logits by the row-statistics kernel; nothing ``N x C`` is written.
+    """
+    from .ops.rowwise import row_softmax_stats
+
+    _check_tensor("logits", logits, dtypes=_FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty class dimension last, got shape {tuple(logits.shape)}")
+    rows, _ = _rows_last(logits, -1)
+    if target is not None:
+        _check_tensor("target", target)
+        if target.is_floating_point() or target.shape != logits.shape[:-1]:
+            raise ValueError(f"target must be integer class indices of shape {tuple(logits.shape[:-1])}, "
+                             f"got {target.dtype} {tuple(target.shape)}")
+        tgt = target.reshape(-1).long()
+        if bool(((tgt != ignore_index) & ((tgt < 0) | (tgt >= logits.shape[-1]))).any()):
+            raise ValueError(f"target contains class indices outside [0, {logits.shape[-1]})")
+    else:
+        tgt = torch.zeros(rows.shape[0], dtype=torch.long, device=logits.device)
+    backend = _backend.choose("softmax", impl, logits.device)
+    m, sumexp, z_t = row_softmax_stats(rows, torch.where(tgt == ignore_index, 0, tgt), backend)
+    dtype = logits.dtype
+    collapsed = sumexp.to(dtype) == 1
+    n = rows.shape[0]
+    sc = collapsed.float().mean() if n else torch.tensor(float("nan"), device=logits.device)
+    zero = None
+    if target is not None:
+        valid = tgt != ignore_index
+        loss = (m + torch.log(sumexp) - z_t).to(dtype)
+        zero = ((loss == 0) & valid).sum() / valid.sum()
+    return SoftmaxCollapse(sc, zero, n)

@@ -119,6 +119,22 @@ def _(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_ind
     return torch.empty_like(x)
 
 
+# ----------------------------------------------------------------------------- raw statistics
+
+def row_softmax_stats(x: Tensor, target: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row ``(max, sum_j exp(x_j - max), x_target)`` in fp32, no autograd (diagnostics)."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    if backend == "triton":
+        from ..kernels import rowwise as k
+
+        m, sumexp, z_t, _ = k.row_stats(x, rows, target, None, 0.0, 0.0, stable=False)
+        return m, sumexp, z_t
+    xf = x.float()
+    m = xf.max(-1).values
+    sumexp = torch.exp(xf - torch.where(m.isinf(), 0.0, m)[:, None]).sum(-1)
+    return m, sumexp, xf.gather(1, target[:, None]).squeeze(1)
+
+
 # ----------------------------------------------------------------------------- logsumexp
 
 @torch.library.custom_op("nckernels::logsumexp", mutates_args=())
