@@ -22,4 +22,5 @@ if [ "${TUNE:-0}" = 1 ]; then
   python3 benchmarks/gpu_tune.py 2>&1 | tee "$OUT/tune.log"
 fi
 python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
+python3 benchmarks/gpu_bench_rowwise.py --out "$OUT" 2>&1 | tee "$OUT/rowwise.log" || status=1
 exit $status
