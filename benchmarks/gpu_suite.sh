@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call: GPU tests, then every benchmark; results under $OUT.
+# The whole GPU check in one call: GPU tests, then every benchmark; results under $OUT
+# (suite.log, bench.{json,md}, rowwise.{json,md}: at most 8 files come back from the device).
 #   bash benchmarks/gpu_suite.sh            (on the device machine, from the repo root)
 # Peer libraries (liger-kernel, cut-cross-entropy) are taken from .whl/*.whl when present
 # (the device machine has no package registry); contenders that fail to import are skipped.
+# Env: SKIP_TESTS=1, TUNE=1 (tile sweep first), BENCH_ARGS, PYTEST_ARGS.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/suite.log") 2>&1
 export PYTHONUNBUFFERED=1 NCKERNELS_NO_JIT=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 status=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest tests -q -x -m "gpu or not gpu" -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+  python3 -m pytest tests -q -x -p no:cacheprovider ${PYTEST_ARGS:-} || status=1
 fi
 if [ "${TUNE:-0}" = 1 ]; then
-  python3 benchmarks/gpu_tune.py 2>&1 | tee "$OUT/tune.log"
+  python3 benchmarks/gpu_tune.py || status=1
 fi
-python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
-python3 benchmarks/gpu_bench_rowwise.py --out "$OUT" 2>&1 | tee "$OUT/rowwise.log" || status=1
+python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} || status=1
+python3 benchmarks/gpu_bench_rowwise.py --out "$OUT" || status=1
 exit $status
