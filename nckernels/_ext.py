@@ -31,7 +31,7 @@ def get():
                 return load(
                     name="nckernels_C",
                     sources=sources,
-                    extra_cflags=["-O3", "-fopenmp", "-march=native"],
+                    extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
