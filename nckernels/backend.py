@@ -38,6 +38,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result  # a constant of the call site: torch.compile bakes it in
 def choose(op: str, impl: str, device: torch.device) -> str:
     """Return the backend name that runs ``op`` on ``device`` for the requested ``impl``."""
     if impl not in IMPLS:

@@ -750,8 +750,6 @@ def test_grad_filter(triton_cfg):
         assert bool(torch.isfinite(gr).all())
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the deterministic backward kernels of kernels/linear_reduce.py "
-                                      "take no grad_filter, so the opt-in filter is silently dropped")
 def test_grad_filter_under_deterministic_algorithms(triton_cfg, deterministic):
     """With deterministic algorithms on, grad_filter must either take effect or refuse with an
     error naming it; it must not be dropped silently."""

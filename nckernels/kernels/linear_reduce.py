@@ -111,6 +111,15 @@ def _grad_logits_tile(X, W, B, CW, rows, tgt, norm, coef_p, coef_t, coef_u, offs
 
 
 @triton.jit
+def _keep(dz, filter_eps, FILTER: tl.constexpr):
+    """Whether a gradient tile takes part in dX / dW: always, unless ``grad_filter`` is on and all
+    ``|dL/dz| < filter_eps`` (the opt-in approximation)."""
+    if FILTER:
+        return tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+    return True
+
+
+@triton.jit
 def _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m):
     rows = tl.load(ROWS + offs_m, mask=mask_m, other=0)
     tgt = tl.load(TGT + offs_m, mask=mask_m, other=0)
@@ -147,10 +156,7 @@ def _backward_atomic_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB,
     dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                            stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
                            STABLE, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-    keep = True
-    if FILTER:
-        keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
-    if keep:
+    if _keep(dz, filter_eps, FILTER):
         if HAS_BIAS:
             tl.atomic_add(DB + offs_v - v_lo, tl.sum(dz, axis=0), mask=mask_v)
         dz_in = dz.to(X.dtype.element_ty)
@@ -175,8 +181,8 @@ def _backward_atomic_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB,
 
 @triton.jit
 def _backward_dx_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, D, stride_x, stride_w, softcap,
-                        HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
-                        SMOOTH: tl.constexpr, STABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        filter_eps, HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
+                        SMOOTH: tl.constexpr, STABLE: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """Deterministic ``DX``: one program owns a row tile and sweeps the vocabulary in order."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -189,23 +195,24 @@ def _backward_dx_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, 
         dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                                stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
                                STABLE, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-        dz_in = dz.to(X.dtype.element_ty)
-        w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
-        dx_ptrs = DX + offs_m[:, None] * D + offs_k[None, :]
-        for k in range(0, tl.cdiv(D, BLOCK_K)):
-            mask = mask_m[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
-            w_k = tl.load(w_ptrs, mask=mask_v[:, None] & (offs_k[None, :] < D - k * BLOCK_K), other=0.0)
-            acc = tl.load(dx_ptrs, mask=mask, other=0.0)
-            tl.store(dx_ptrs, tl.dot(dz_in, w_k, acc, input_precision=PRECISION), mask=mask)
-            w_ptrs += BLOCK_K
-            dx_ptrs += BLOCK_K
+        if _keep(dz, filter_eps, FILTER):
+            dz_in = dz.to(X.dtype.element_ty)
+            w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
+            dx_ptrs = DX + offs_m[:, None] * D + offs_k[None, :]
+            for k in range(0, tl.cdiv(D, BLOCK_K)):
+                mask = mask_m[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
+                w_k = tl.load(w_ptrs, mask=mask_v[:, None] & (offs_k[None, :] < D - k * BLOCK_K), other=0.0)
+                acc = tl.load(dx_ptrs, mask=mask, other=0.0)
+                tl.store(dx_ptrs, tl.dot(dz_in, w_k, acc, input_precision=PRECISION), mask=mask)
+                w_ptrs += BLOCK_K
+                dx_ptrs += BLOCK_K
 
 
 @triton.jit
 def _backward_dw_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_rows, v_lo, v_hi, D, stride_x,
-                        stride_w, softcap,
+                        stride_w, softcap, filter_eps,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
-                        SMOOTH: tl.constexpr, STABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                        SMOOTH: tl.constexpr, STABLE: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """Deterministic ``DW`` and ``DB``: one program owns a vocab tile and sweeps the rows in order."""
     offs_v = v_lo + tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -219,17 +226,18 @@ def _backward_dw_kernel(X, W, B, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_rows,
         dz = _grad_logits_tile(X, W, B, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
                                stride_x, stride_w, softcap, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
                                STABLE, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-        db += tl.sum(dz, axis=0)
-        dz_t = tl.trans(dz.to(X.dtype.element_ty))
-        x_ptrs = X + rows[:, None] * stride_x + offs_k[None, :]
-        dw_ptrs = DW + (offs_v - v_lo)[:, None] * D + offs_k[None, :]
-        for k in range(0, tl.cdiv(D, BLOCK_K)):
-            mask = mask_v[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
-            x_k = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < D - k * BLOCK_K), other=0.0)
-            acc = tl.load(dw_ptrs, mask=mask, other=0.0)
-            tl.store(dw_ptrs, tl.dot(dz_t, x_k, acc, input_precision=PRECISION), mask=mask)
-            x_ptrs += BLOCK_K
-            dw_ptrs += BLOCK_K
+        if _keep(dz, filter_eps, FILTER):
+            db += tl.sum(dz, axis=0)
+            dz_t = tl.trans(dz.to(X.dtype.element_ty))
+            x_ptrs = X + rows[:, None] * stride_x + offs_k[None, :]
+            dw_ptrs = DW + (offs_v - v_lo)[:, None] * D + offs_k[None, :]
+            for k in range(0, tl.cdiv(D, BLOCK_K)):
+                mask = mask_v[:, None] & (offs_k[None, :] < D - k * BLOCK_K)
+                x_k = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < D - k * BLOCK_K), other=0.0)
+                acc = tl.load(dw_ptrs, mask=mask, other=0.0)
+                tl.store(dw_ptrs, tl.dot(dz_t, x_k, acc, input_precision=PRECISION), mask=mask)
+                x_ptrs += BLOCK_K
+                dw_ptrs += BLOCK_K
     if HAS_BIAS:
         tl.store(DB + offs_v - v_lo, db, mask=mask_v)
 
@@ -312,9 +320,10 @@ def backward(x, w, bias, rows, target, class_weight, norm, coef_p, coef_target, 
     db = torch.zeros(V, dtype=torch.float32, device=w.device) if bias is not None else None
     slab = V if direct else max(cfg["BLOCK_V"], SLAB_BYTES // (4 * D) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
     buf = dw if direct else torch.empty((min(slab, V), D), dtype=torch.float32, device=w.device)
+    flags["FILTER"] = grad_filter > 0
     if deterministic:
         _backward_dx_kernel[(n_m,)](x, w, bias, class_weight, *terms, dx_rows, n, V, D, x.stride(0), w.stride(0),
-                                    float(softcap), **flags)
+                                    float(softcap), float(grad_filter), **flags)
     for v_lo in range(0, V, slab):
         v_hi = min(V, v_lo + slab)
         if not direct:
@@ -323,13 +332,12 @@ def backward(x, w, bias, rows, target, class_weight, norm, coef_p, coef_target, 
         n_v = triton.cdiv(v_hi - v_lo, cfg["BLOCK_V"])
         if deterministic:
             _backward_dw_kernel[(n_v,)](x, w, bias, class_weight, *terms, buf, db_slab, n, v_lo, v_hi, D,
-                                        x.stride(0), w.stride(0), float(softcap), **flags)
+                                        x.stride(0), w.stride(0), float(softcap), float(grad_filter), **flags)
         else:
             buf_slab = buf if not direct else dw[v_lo:v_hi]
             _backward_atomic_kernel[(n_m * n_v,)](
                 x, w, bias, class_weight, *terms, dx_rows, buf_slab, db_slab, n, v_lo, v_hi, D,
-                x.stride(0), w.stride(0), float(softcap), float(grad_filter),
-                FILTER=grad_filter > 0, GROUP_M=8, **flags,
+                x.stride(0), w.stride(0), float(softcap), float(grad_filter), GROUP_M=8, **flags,
             )
         if not direct:
             dw[v_lo:v_hi] = buf[: v_hi - v_lo]
