@@ -188,3 +188,49 @@ def _stable_backward(ctx, grad_loss, grad_total):
 
 torch.library.register_autograd("nckernels::linear_stablemax_ce_forward", _stable_backward,
                                 setup_context=_stable_setup)
+
+
+@torch.library.custom_op("nckernels::linear_ce_loss_and_grad", mutates_args=())
+def linear_ce_loss_and_grad(
+    x: Tensor, w: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, mean: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chunked CPU path for the ``mean`` / ``sum`` reductions: the reduced loss and its gradients
+    ``(dx, dw, db)`` in one pass (the upstream gradient of each token is known at forward time:
+    ``1 / sum_i omega_y_i`` or 1), so the backward only scales them by the incoming gradient."""
+    V = w.shape[0]
+    rows, tgt = _valid_rows(target, ignore_index, V)
+    omega_t, smooth_total = _class_terms(class_weight, tgt, V)
+    denom = omega_t.sum() if mean else torch.ones((), device=x.device)
+    if rows.numel() == 0:
+        loss = torch.zeros((), device=x.device) / denom
+        return loss, torch.zeros_like(x), torch.zeros_like(w), w.new_zeros(V if bias is not None else 0)
+    kwargs = {}
+    if backend == "cpp":
+        kwargs = dict(epilogue=_ext.get().ce_rows_forward, backward_epilogue=_ext.get().ce_rows_backward_)
+    grad_loss = (1.0 / denom).expand(rows.numel()).float().contiguous()
+    (lse, z_target, z_smooth), (dx, dw, db) = ref.forward_backward(
+        x, w, bias, rows, tgt, class_weight, label_smoothing, z_loss, softcap, grad_loss, omega_t, smooth_total,
+        **kwargs)
+    loss = ref.token_loss(lse, z_target, z_smooth, omega_t, smooth_total, label_smoothing, z_loss, V).sum() / denom
+    return loss, dx, dw, (db if db is not None else w.new_zeros(0))
+
+
+@linear_ce_loss_and_grad.register_fake
+def _(x, w, bias, target, class_weight, ignore_index, label_smoothing, z_loss, softcap, mean, backend):
+    return (x.new_empty((), dtype=torch.float32), torch.empty_like(x), torch.empty_like(w),
+            w.new_empty(w.shape[0] if bias is not None else 0))
+
+
+def _loss_and_grad_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+
+
+def _loss_and_grad_backward(ctx, grad, *_):
+    dx, dw, db = ctx.saved_tensors
+    return (grad * dx, grad * dw, (grad * db) if ctx.has_bias else None) + (None,) * 8
+
+
+torch.library.register_autograd("nckernels::linear_ce_loss_and_grad", _loss_and_grad_backward,
+                                setup_context=_loss_and_grad_setup)

@@ -120,6 +120,32 @@ def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, bu
 def backward(x, w, bias, rows, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap,
              budget=None, epilogue=rows_backward_):
     """``(dx, dw, db)`` of ``sum_i (a_i lse_i - b_i z'_iy - c_i sum_j omega_j z'_ij)``, exact fp32 accumulation."""
+    return _gradient_pass(x, w, bias, rows, target, class_weight, softcap, budget, epilogue,
+                          lambda lo, hi, z: (lse[lo:hi], coef_p[lo:hi], coef_target[lo:hi], coef_uniform[lo:hi]))
+
+
+def forward_backward(x, w, bias, rows, target, class_weight, label_smoothing, z_loss, softcap, grad_loss, omega_target,
+                     smooth_total, budget=None, epilogue=rows_forward, backward_epilogue=rows_backward_):
+    """Row statistics ``(lse, z'_target, z_smooth)`` and ``(dx, dw, db)`` for a per-token upstream gradient
+    ``grad_loss`` known at forward time (the mean and sum reductions), in one pass over the chunks: each
+    chunk's logits are computed once, instead of again in the backward."""
+    V, n = w.shape[0], rows.numel()
+    stats = [torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(3)]
+    no_lse_grad = torch.zeros_like(grad_loss)
+
+    def coefficients(lo, hi, z):
+        chunk = epilogue(z, target[lo:hi], class_weight, label_smoothing, softcap)
+        for o, r in zip(stats, chunk):
+            o[lo:hi] = r
+        return (chunk[0],) + grad_coefficients(grad_loss[lo:hi], no_lse_grad[lo:hi], chunk[0], omega_target[lo:hi],
+                                               smooth_total, label_smoothing, z_loss, V)
+
+    grads = _gradient_pass(x, w, bias, rows, target, class_weight, softcap, budget, backward_epilogue, coefficients)
+    return tuple(stats), grads
+
+
+def _gradient_pass(x, w, bias, rows, target, class_weight, softcap, budget, epilogue, coefficients):
+    """Chunk loop of the gradients: ``coefficients(lo, hi, z)`` gives each chunk's ``(lse, a, b, c)``."""
     budget = budget or chunk_bytes()
     n, V = rows.numel(), w.shape[0]
     dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -127,10 +153,11 @@ def backward(x, w, bias, rows, target, class_weight, lse, coef_p, coef_target, c
     db = torch.zeros(V, dtype=torch.float32, device=w.device) if bias is not None else None
     for lo, hi in _row_chunks(n, V, budget):
         xr = x[rows[lo:hi]]
-        dz = epilogue(_logits(xr, w, bias), target[lo:hi], class_weight, lse[lo:hi], coef_p[lo:hi],
-                      coef_target[lo:hi], coef_uniform[lo:hi], softcap)
+        z = _logits(xr, w, bias)
+        dz = epilogue(z, target[lo:hi], class_weight, *coefficients(lo, hi, z), softcap)
         dx[rows[lo:hi]] = (dz.to(w.dtype) @ w).to(x.dtype)
         dw.addmm_(dz.T, xr.float())
         if db is not None:
             db += dz.sum(0)
+        del z, dz  # free this chunk before the next one is allocated
     return dx, dw.to(w.dtype), (db.to(bias.dtype) if db is not None else None)
