@@ -29,6 +29,8 @@
 #include <tuple>
 #include <vector>
 
+#include "nck_ext.h"
+
 #define NCK_ISA isa_generic
 #include "linear_ce_cpu_rows.h"
 #undef NCK_ISA
@@ -209,8 +211,19 @@ at::Tensor ce_rows_backward_(at::Tensor z, const at::Tensor& target, const std::
 
 }  // namespace
 
+namespace nck {
+const char* active_cpu_isa() { return kernels().name; }
+void check_vector(const char* fn, const char* name, const at::Tensor& t, int64_t n, at::ScalarType dtype) {
+  ::check_vector(fn, name, t, n, dtype);
+}
+void check_rows(const char* fn, const at::Tensor& z, const at::Tensor& target) {
+  ::check_rows(fn, z, target, std::nullopt, 0.0);
+}
+bool run_parallel(int64_t n, int64_t V) { return ::run_parallel(n, V); }
+}  // namespace nck
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "nckernels C++ CPU kernels (linear cross-entropy row epilogues)";
+  m.doc() = "nckernels C++ CPU kernels (linear cross-entropy and StableMax row epilogues)";
   m.def("ce_rows_forward", &ce_rows_forward, py::arg("z"), py::arg("target"), py::arg("class_weight"),
         py::arg("label_smoothing"), py::arg("softcap"),
         "Per-row (lse, z'_target, sum_j omega_j z'_j) of raw fp32 logits z (n, V); z is not modified.\n"
@@ -222,4 +235,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
         "Choose the kernels' instruction set: 'auto' (the widest supported) or a name from supported_cpu_isas().");
   m.def("supported_cpu_isas", &supported_isas, "Instruction sets this build has kernels for and this CPU supports.");
+  nck::init_stablemax(m);  // csrc/stablemax_cpu.cpp
 }
