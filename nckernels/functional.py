@@ -194,11 +194,12 @@ def _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction
 
 def _rows_last(x: Tensor, dim: int):
     """``x`` with ``dim`` moved last, as a contiguous ``(R, C)`` matrix, and how to undo it."""
-    if not -x.dim() <= dim < max(x.dim(), 1):
+    ndim = max(x.dim(), 1)  # a 0-d tensor is one row of one element, as in torch
+    if not -ndim <= dim < ndim:
         raise ValueError(f"dim {dim} is out of range for a tensor of {x.dim()} dimensions")
     moved = x.movedim(dim, -1) if x.dim() else x.reshape(1)
     shape = moved.shape
-    return moved.reshape(-1, shape[-1]).contiguous(), shape
+    return moved.reshape(math.prod(shape[:-1]), shape[-1]).contiguous(), shape
 
 
 def _normalize(x: Tensor, dim: int, log: bool, stable: bool, impl: str, name: str) -> Tensor:
@@ -239,7 +240,10 @@ def logsumexp(input: Tensor, dim: int = -1, keepdim: bool = False, *, impl: str 
     _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
     backend = _backend.choose("softmax", impl, input.device)
     rows, shape = _rows_last(input, dim)
-    out = lse_op(rows, backend).view(shape[:-1])
+    if rows.shape[1] == 0:  # the log of an empty sum: -inf, with torch's (zero) gradient
+        out = torch.logsumexp(rows.float(), -1).view(shape[:-1])
+    else:
+        out = lse_op(rows, backend).view(shape[:-1])
     return out.unsqueeze(dim) if keepdim and input.dim() else out
 
 

@@ -22,6 +22,8 @@ from torch import Tensor
 
 def softmax_oracle(x: Tensor, dim: int = -1) -> Tensor:
     x = x.double()
+    if x.numel() == 0:  # amax refuses an empty reduction; the softmax of nothing is nothing
+        return x.clone()
     e = torch.exp(x - x.amax(dim, keepdim=True))
     return e / e.sum(dim, keepdim=True)
 

@@ -202,7 +202,8 @@ def _ce_grad(ctx, grad_loss, grad_lse):
     safe_t = torch.where(valid, target, 0)
     omega_t, total = _class_terms(class_weight, safe_t, C)
     a, b, c = lce_ref.grad_coefficients(grad_loss, grad_lse, lse, omega_t, total, label_smoothing, z_loss, C)
-    dx = row_dlogits(x, target, class_weight, lse, a.contiguous(), b.contiguous(), c.contiguous(), softcap,
+    norm = torch.where(lse.isinf(), float("nan"), lse)  # a row with an infinite logit: all-NaN gradient, as in torch
+    dx = row_dlogits(x, target, class_weight, norm, a.contiguous(), b.contiguous(), c.contiguous(), softcap,
                      ignore_index, False, backend)
     return dx, None, None, None, None, None, None, None
 
