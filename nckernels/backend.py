@@ -20,7 +20,9 @@ IMPLS = ("auto", "triton", "cpp", "reference")
 _OP_BACKENDS = {
     "linear_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
     "softmax": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
-    "cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+    # the C++ CE epilogue returns fl(lse) without its rounding residual: tiny losses on confident
+    # rows round to 0 there, so auto keeps the exact reference on CPU until it does
+    "cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "reference"},
     "stablemax_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
 }
 

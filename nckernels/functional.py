@@ -312,8 +312,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
     rows, tgt, cw, shape = _class_rows(input, target, weight, ignore_index, "cross_entropy")
     backend = _backend.choose("cross_entropy", impl, input.device)
-    loss_tok, _ = cross_entropy_forward(rows, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
-                                        float(softcap or 0.0), backend)
+    loss_tok = cross_entropy_forward(rows, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
+                                     float(softcap or 0.0), backend)[0]
     return _reduce(loss_tok, tgt, cw, ignore_index, reduction, shape)
 
 
@@ -378,6 +378,6 @@ def softmax_collapse(logits: Tensor, target: Optional[Tensor] = None, *, ignore_
     zero = None
     if target is not None:
         valid = tgt != ignore_index
-        loss = (m + torch.log(sumexp) - z_t).to(dtype)
+        loss = ((m - z_t) + torch.log(sumexp)).to(dtype)  # not fl(lse) - z_t: tiny losses must survive
         zero = ((loss == 0) & valid).sum() / valid.sum()
     return SoftmaxCollapse(sc, zero, n)

@@ -106,7 +106,7 @@ def _grad_logits_tile(X, W, B, CW, rows, tgt, norm, coef_p, coef_t, coef_u, offs
     """fp32 tile of ``dL/dz`` (``logit_math.dlogits``) of the recomputed logits, zero outside the masks."""
     z = _logits_tile(X, W, B, rows, offs_v, mask_m, mask_v, D, stride_x, stride_w,
                      HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
-    return dlogits(z, offs_v, mask_m, mask_v, tgt, norm, coef_p, coef_t, coef_u, CW, softcap,
+    return dlogits(z, offs_v, mask_m, mask_v, tgt, norm, tl.zeros_like(norm), coef_p, coef_t, coef_u, CW, softcap,
                    HAS_CW, SOFTCAP, SMOOTH, STABLE)
 
 

@@ -66,10 +66,12 @@ def fold_stats(z, offs_v, mask_v, tgt, CW, stat0, stat1, z_tgt, z_smooth, softca
 
 
 @triton.jit
-def dlogits(z, offs_v, mask_m, mask_v, tgt, norm, coef_p, coef_t, coef_u, CW, softcap,
+def dlogits(z, offs_v, mask_m, mask_v, tgt, norm, norm_lo, coef_p, coef_t, coef_u, CW, softcap,
             HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, STABLE: tl.constexpr):
     """``dL/dz`` of a raw logit tile (fp32), zero outside the masks; ``norm`` is the row's LSE
-    (softmax) or ``S = sum_j s(z_j)`` (StableMax)."""
+    (softmax) or ``S = sum_j s(z_j)`` (StableMax). ``norm_lo`` is the LSE's rounding residual
+    (``lse = norm + norm_lo`` exactly): ``p = exp((z - norm) - norm_lo)`` keeps the tiny
+    off-target mass that ``exp(z - fl(lse))`` rounds away on confident rows."""
     onehot = offs_v[None, :] == tgt[:, None]
     if STABLE:
         inv = 1.0 / (1.0 + tl.abs(z))
@@ -78,7 +80,7 @@ def dlogits(z, offs_v, mask_m, mask_v, tgt, norm, coef_p, coef_t, coef_u, CW, so
         if SOFTCAP:
             th = tanh(z / softcap)
             z = softcap * th
-        dz = coef_p[:, None] * tl.exp(z - norm[:, None])
+        dz = coef_p[:, None] * tl.exp((z - norm[:, None]) - norm_lo[:, None])
         dz -= tl.where(onehot, coef_t[:, None], 0.0)
         if SMOOTH:
             if HAS_CW:

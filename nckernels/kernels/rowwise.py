@@ -141,7 +141,7 @@ def _normalize_backward_kernel(X, Y, DY, DX, n_rows, C, LOG: tl.constexpr, STABL
 
 
 @triton.jit
-def _dlogits_kernel(X, DX, TGT, CW, NORM, CP, CT, CU, n_rows, C, softcap, ignore_index,
+def _dlogits_kernel(X, DX, TGT, CW, NORM, NORM_LO, CP, CT, CU, n_rows, C, softcap, ignore_index,
                     HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, STABLE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -149,6 +149,7 @@ def _dlogits_kernel(X, DX, TGT, CW, NORM, CP, CT, CU, n_rows, C, softcap, ignore
     tgt = tl.load(TGT + offs_m, mask=mask_m, other=ignore_index)
     active = mask_m & (tgt != ignore_index)
     norm = tl.load(NORM + offs_m, mask=mask_m, other=1.0)
+    norm_lo = tl.load(NORM_LO + offs_m, mask=mask_m, other=0.0)
     coef_p = tl.load(CP + offs_m, mask=mask_m, other=0.0)
     coef_t = tl.load(CT + offs_m, mask=mask_m, other=0.0)
     coef_u = tl.load(CU + offs_m, mask=mask_m, other=0.0)
@@ -157,7 +158,7 @@ def _dlogits_kernel(X, DX, TGT, CW, NORM, CP, CT, CU, n_rows, C, softcap, ignore
     for c0 in range(0, C, BLOCK_C):
         mask_c = offs_c + c0 < C
         z = tl.load(X + base + c0, mask=active[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-        dz = dlogits(z, offs_c + c0, active, mask_c, tgt, norm, coef_p, coef_t, coef_u, CW, softcap,
+        dz = dlogits(z, offs_c + c0, active, mask_c, tgt, norm, norm_lo, coef_p, coef_t, coef_u, CW, softcap,
                      HAS_CW, SOFTCAP, SMOOTH, STABLE)
         tl.store(DX + base + c0, dz.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
@@ -216,14 +217,14 @@ def normalize_backward(x, y, dy, log: bool, stable: bool):
     return dx
 
 
-def dlogits_rows(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
+def dlogits_rows(x, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
     """``dL/dx`` for every row of contiguous ``x``; rows whose target is ``ignore_index`` get 0."""
     R, C = x.shape
     dx = torch.empty_like(x)
     if R and C:
         cfg, _ = _blocks(C, x, single_max=4096)
         _dlogits_kernel[(triton.cdiv(R, cfg["BLOCK_M"]),)](
-            x, dx, target, class_weight, norm, coef_p, coef_t, coef_u, R, C, float(softcap), int(ignore_index),
+            x, dx, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, R, C, float(softcap), int(ignore_index),
             HAS_CW=class_weight is not None, SOFTCAP=softcap > 0, SMOOTH=bool((coef_u != 0).any()), STABLE=stable,
             **cfg)
     return dx

@@ -24,7 +24,7 @@ def _triton():
 
     def softmax_stats(x, rows, tgt, cw, ls, softcap):
         m, l, zt, zs = k.row_stats(x, rows, tgt, cw, ls, softcap, stable=False)
-        return torch.where(m.isinf(), 0.0, m) + torch.log(l), zt, zs
+        return ref.split_lse(torch.where(m.isinf(), 0.0, m), torch.log(l)) + (zt, zs)
 
     def stablemax_stats(x, rows, tgt):
         s_t, s_other, _, _ = k.row_stats(x, rows, tgt, None, 0.0, 0.0, stable=True)
@@ -37,13 +37,14 @@ def _triton():
 def _cpp():
     C = _ext.get()
 
-    def softmax_stats(x, rows, tgt, cw, ls, softcap):
-        return C.ce_rows_forward(x[rows].float().contiguous(), tgt, cw, ls, softcap)
+    def softmax_stats(x, rows, tgt, cw, ls, softcap):  # the C++ epilogue returns fl(lse): no residual
+        lse, zt, zs = C.ce_rows_forward(x[rows].float().contiguous(), tgt, cw, ls, softcap)
+        return lse, torch.zeros_like(lse), zt, zs
 
     def stablemax_stats(x, rows, tgt):
         return C.stablemax_rows_forward(x[rows].float().contiguous(), tgt)
 
-    def dlogits(x, target, cw, norm, cp, ct, cu, softcap, ignore_index, stable):
+    def dlogits(x, target, cw, norm, norm_lo, cp, ct, cu, softcap, ignore_index, stable):
         active = target != ignore_index
         rows = active.nonzero().squeeze(1)
         z, tgt = x[rows].float().contiguous(), target[rows]
@@ -107,15 +108,15 @@ torch.library.register_autograd("nckernels::normalize", _normalize_grad, setup_c
 # ----------------------------------------------------------------------------- dL/dz (shared backward)
 
 @torch.library.custom_op("nckernels::row_dlogits", mutates_args=())
-def row_dlogits(x: Tensor, target: Tensor, class_weight: Optional[Tensor], norm: Tensor, coef_p: Tensor,
-                coef_t: Tensor, coef_u: Tensor, softcap: float, ignore_index: int, stable: bool,
+def row_dlogits(x: Tensor, target: Tensor, class_weight: Optional[Tensor], norm: Tensor, norm_lo: Tensor,
+                coef_p: Tensor, coef_t: Tensor, coef_u: Tensor, softcap: float, ignore_index: int, stable: bool,
                 backend: str) -> Tensor:
-    return _impl(backend).dlogits(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_index,
-                                  stable)
+    return _impl(backend).dlogits(x, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, softcap,
+                                  ignore_index, stable)
 
 
 @row_dlogits.register_fake
-def _(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_index, stable, backend):
+def _(x, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, softcap, ignore_index, stable, backend):
     return torch.empty_like(x)
 
 
@@ -158,7 +159,8 @@ def _lse_grad(ctx, dy):
     x, lse = ctx.saved_tensors
     zeros = torch.zeros_like(lse)
     never = torch.full(lse.shape, -1, dtype=torch.long, device=x.device)  # no target column
-    return row_dlogits(x, never, None, lse, dy.float().contiguous(), zeros, zeros, 0.0, -2, False, ctx.backend), None
+    return row_dlogits(x, never, None, lse, zeros, dy.float().contiguous(), zeros, zeros, 0.0, -2, False,
+                       ctx.backend), None
 
 
 torch.library.register_autograd("nckernels::logsumexp", _lse_grad, setup_context=_lse_setup)
@@ -168,32 +170,35 @@ torch.library.register_autograd("nckernels::logsumexp", _lse_grad, setup_context
 
 @torch.library.custom_op("nckernels::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(x: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int,
-                          label_smoothing: float, z_loss: float, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
-    """Per-row loss and LSE (fp32; 0 at ignored rows) of softmax cross-entropy on logits ``x``."""
+                          label_smoothing: float, z_loss: float, softcap: float, backend: str
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss and LSE as an fp32 pair ``(lse, lse_lo)`` (0 at ignored rows) of softmax
+    cross-entropy on logits ``x``; the loss is ``(lse - z_y) + lse_lo``, exact far below ``ulp(lse)``."""
     R, C = x.shape
     rows, tgt = _valid_rows(target, ignore_index, C)
     loss = torch.zeros(R, dtype=torch.float32, device=x.device)
     lse = torch.zeros(R, dtype=torch.float32, device=x.device)
+    lse_lo = torch.zeros(R, dtype=torch.float32, device=x.device)
     if rows.numel():
-        lse_v, z_t, z_s = _impl(backend).softmax_stats(x, rows, tgt, class_weight, label_smoothing, softcap)
+        hi, lo, z_t, z_s = _impl(backend).softmax_stats(x, rows, tgt, class_weight, label_smoothing, softcap)
         omega_t, total = _class_terms(class_weight, tgt, C)
-        loss[rows] = lce_ref.token_loss(lse_v, z_t, z_s, omega_t, total, label_smoothing, z_loss, C)
-        lse[rows] = lse_v
-    return loss, lse
+        loss[rows] = lce_ref.token_loss(hi, z_t, z_s, omega_t, total, label_smoothing, z_loss, C, lse_lo=lo)
+        lse[rows], lse_lo[rows] = hi, lo
+    return loss, lse, lse_lo
 
 
 @cross_entropy_forward.register_fake
 def _(x, target, class_weight, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.float32)
+    return tuple(x.new_empty(x.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 def _ce_setup(ctx, inputs, output):
     x, target, class_weight, *ctx.options = inputs
-    ctx.save_for_backward(x, target, class_weight, output[1])
+    ctx.save_for_backward(x, target, class_weight, output[1], output[2])
 
 
-def _ce_grad(ctx, grad_loss, grad_lse):
-    x, target, class_weight, lse = ctx.saved_tensors
+def _ce_grad(ctx, grad_loss, grad_lse, _):
+    x, target, class_weight, lse, lse_lo = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, softcap, backend = ctx.options
     C = x.shape[1]
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.float()
@@ -203,8 +208,8 @@ def _ce_grad(ctx, grad_loss, grad_lse):
     omega_t, total = _class_terms(class_weight, safe_t, C)
     a, b, c = lce_ref.grad_coefficients(grad_loss, grad_lse, lse, omega_t, total, label_smoothing, z_loss, C)
     norm = torch.where(lse.isinf(), float("nan"), lse)  # a row with an infinite logit: all-NaN gradient, as in torch
-    dx = row_dlogits(x, target, class_weight, norm, a.contiguous(), b.contiguous(), c.contiguous(), softcap,
-                     ignore_index, False, backend)
+    dx = row_dlogits(x, target, class_weight, norm, lse_lo, a.contiguous(), b.contiguous(), c.contiguous(),
+                     softcap, ignore_index, False, backend)
     return dx, None, None, None, None, None, None, None
 
 
@@ -245,8 +250,8 @@ def _smce_grad(ctx, grad_loss, grad_total):
     omega_t, _ = _class_terms(class_weight, torch.where(valid, target, 0), x.shape[1])
     coef = (grad_loss.float() * omega_t * valid).contiguous()
     norm = torch.where(valid, total, 1.0).contiguous()
-    dx = row_dlogits(x, target, None, norm, coef, coef, torch.zeros_like(coef), 0.0, ctx.ignore_index, True,
-                     ctx.backend)
+    zeros = torch.zeros_like(coef)
+    dx = row_dlogits(x, target, None, norm, zeros, coef, coef, zeros, 0.0, ctx.ignore_index, True, ctx.backend)
     return dx, None, None, None, None
 
 

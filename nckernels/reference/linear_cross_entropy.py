@@ -64,11 +64,13 @@ def rows_backward_(z, target, class_weight, lse, coef_p, coef_target, coef_unifo
     return z
 
 
-def token_loss(lse, z_target, z_smooth, omega_target, smooth_total, label_smoothing, z_loss, num_classes):
-    """Per-token loss from the row statistics (all fp32 vectors)."""
-    loss = (1 - label_smoothing) * omega_target * (lse - z_target)
+def token_loss(lse, z_target, z_smooth, omega_target, smooth_total, label_smoothing, z_loss, num_classes,
+               lse_lo=0.0):
+    """Per-token loss from the row statistics (all fp32 vectors). ``lse_lo`` is the rounding residual
+    of ``lse`` when known: ``(lse - z_y) + lse_lo`` keeps losses far below ``ulp(lse)``."""
+    loss = (1 - label_smoothing) * omega_target * ((lse - z_target) + lse_lo)
     if label_smoothing > 0:
-        loss = loss + label_smoothing / num_classes * (smooth_total * lse - z_smooth)
+        loss = loss + label_smoothing / num_classes * (smooth_total * (lse + lse_lo) - z_smooth)
     if z_loss > 0:
         loss = loss + z_loss * omega_target * lse * lse
     return torch.where(lse.isinf(), float("nan"), loss)  # an infinite logit: NaN, as in F.cross_entropy

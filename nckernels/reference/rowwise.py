@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_cross_entropy import rows_backward_, rows_forward
+from .linear_cross_entropy import rows_backward_
 
 
 def stablemax_s(x):
@@ -43,9 +43,25 @@ def normalize_backward(x, y, dy, log: bool, stable: bool):
     return dx.to(y.dtype)
 
 
+def split_lse(m, log_sum):
+    """``lse = m + log_sum`` as an fp32 pair ``(hi, lo)``, ``hi = fl(lse)``, ``lo`` its rounding residual
+    (``m`` is the row max, or 0 where that is infinite, and ``log_sum = log sum_j exp(z_j - m)``)."""
+    hi = m + log_sum
+    return hi, torch.where(hi.isfinite(), (m - hi) + log_sum, 0.0)
+
+
 def softmax_stats(x, rows, target, class_weight, label_smoothing, softcap):
-    """``(lse, z'_target, sum_j omega_j z'_j)`` of the rows ``x[rows]`` (fp32)."""
-    return rows_forward(x[rows].float(), target, class_weight, label_smoothing, softcap)
+    """``(lse_hi, lse_lo, z'_target, sum_j omega_j z'_j)`` of the rows ``x[rows]`` (fp32)."""
+    z = x[rows].float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    m = z.amax(-1)
+    m = torch.where(m.isinf(), 0.0, m)
+    hi, lo = split_lse(m, torch.log(torch.exp(z - m[:, None]).sum(-1)))
+    z_smooth = torch.zeros_like(hi)
+    if label_smoothing > 0:
+        z_smooth = (z @ class_weight) if class_weight is not None else z.sum(-1)
+    return hi, lo, z.gather(1, target[:, None]).squeeze(1), z_smooth
 
 
 def stablemax_stats(x, rows, target):
@@ -67,8 +83,9 @@ def stablemax_rows_backward_(z, target, class_weight, norm, coef_p, coef_t, coef
     return z.mul_(inv)
 
 
-def dlogits(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
-    """``dL/dx`` for every row (``norm``: LSE, or ``S`` for StableMax); ignored rows get 0."""
+def dlogits(x, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
+    """``dL/dx`` for every row (``norm (+ norm_lo)``: the LSE as an fp32 pair, or ``S`` for StableMax);
+    ignored rows get 0."""
     active = target != ignore_index
     rows = active.nonzero().squeeze(1)
     z = x[rows].float()
@@ -76,7 +93,8 @@ def dlogits(x, target, class_weight, norm, coef_p, coef_t, coef_u, softcap, igno
     if stable:
         dz = stablemax_rows_backward_(z, tgt, None, norm[rows], coef_p[rows], coef_t[rows])
     else:
-        dz = rows_backward_(z, tgt.clamp(min=0), class_weight, norm[rows], coef_p[rows], coef_t[rows] * (tgt >= 0),
+        lse = norm[rows].double() + norm_lo[rows].double()  # z - lse evaluated in float64
+        dz = rows_backward_(z, tgt.clamp(min=0), class_weight, lse, coef_p[rows], coef_t[rows] * (tgt >= 0),
                             coef_u[rows], softcap)
     dx = torch.zeros_like(x)
     dx[rows] = dz.to(x.dtype)
