@@ -14,7 +14,7 @@ PaLM z-loss, weighted like the token. The gradient w.r.t. the capped logits is::
 
 with per-token coefficients ``a, b, c`` from :func:`grad_coefficients`; soft-capping
 multiplies it by ``1 - (z'_ij / c)**2``. Rows are processed in chunks so that the peak
-extra memory stays under ``chunk_bytes`` (default 256 MiB, env
+extra memory stays under ``chunk_bytes`` (default 96 MiB, env
 ``NCKERNELS_REFERENCE_CHUNK_MB``): the ``N x V`` logits never exist.
 
 ``rows_forward`` / ``rows_backward_`` are the per-chunk epilogues; the C++ extension
@@ -26,7 +26,9 @@ import os
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# 96 MiB: chunks of logits near 32 MiB, which the allocator reuses; larger ones are fresh mmaps whose
+# page faults cost more than the bigger matmuls save (benchmarks/results/cpu_linear_ce.md)
+DEFAULT_CHUNK_BYTES = 96 * 2**20
 
 
 def chunk_bytes() -> int:
