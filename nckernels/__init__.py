@@ -1,6 +1,9 @@
 """nckernels: fused loss and statistics kernels for classification heads at scale."""
 from .functional import (
+    ClassStatsResult,
+    ClassStatsWithScatter,
     SoftmaxCollapse,
+    class_stats,
     cross_entropy,
     linear_cross_entropy,
     linear_stablemax_cross_entropy,
@@ -13,8 +16,13 @@ from .functional import (
     stablemax_cross_entropy,
 )
 from .modules import CutCrossEntropyLoss
+from . import collapse  # noqa: E402  (nckernels.collapse.ClassStats, .metrics)
 
 __all__ = [
+    "ClassStatsResult",
+    "ClassStatsWithScatter",
+    "class_stats",
+    "collapse",
     "CutCrossEntropyLoss",
     "SoftmaxCollapse",
     "cross_entropy",

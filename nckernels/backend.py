@@ -24,6 +24,10 @@ _OP_BACKENDS = {
     # rows round to 0 there, so auto keeps the exact reference on CPU until it does
     "cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "reference"},
     "stablemax_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+    # neural-collapse statistics (nckernels.collapse): family 2, family 3, family 1's argmax
+    "class_stats": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+    "pair_stats": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    "linear_argmax": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
 }
 
 

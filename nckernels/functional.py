@@ -381,3 +381,81 @@ def softmax_collapse(logits: Tensor, target: Optional[Tensor] = None, *, ignore_
         loss = ((m - z_t) + torch.log(sumexp)).to(dtype)  # not fl(lse) - z_t: tiny losses must survive
         zero = ((loss == 0) & valid).sum() / valid.sum()
     return SoftmaxCollapse(sc, zero, n)
+
+
+class ClassStatsResult(NamedTuple):
+    """Per-class statistics of one batch (see :func:`class_stats`)."""
+
+    counts: Tensor  # int64 (C,)
+    sums: Tensor    # float64 (C, D)
+    m2: Tensor      # float64 (C,): sum over the class's rows of ||h - mean_c||^2
+
+
+class ClassStatsWithScatter(NamedTuple):
+    """:class:`ClassStatsResult` plus the pooled within-class scatter."""
+
+    counts: Tensor
+    sums: Tensor
+    m2: Tensor
+    scatter: Tensor  # float64 (D, D): sum_i (h_i - mean_{y_i}) (h_i - mean_{y_i})^T
+
+
+def _check_labels(features: Tensor, labels: Tensor, num_classes: int, ignore_index: int):
+    """Validate ``features (..., D)`` / ``labels (...)``; return ``(N, D)`` rows and ``(N,)`` labels."""
+    _check_tensor("features", features, dtypes=_FLOAT_DTYPES + (torch.float64,))
+    _check_tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must hold class indices as int64 or int32, got {labels.dtype}")
+    if features.dim() < 1 or labels.shape != features.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be features.shape[:-1] for features of shape "
+                         f"{tuple(features.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    y = labels.reshape(-1)
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels contains class indices outside [0, {num_classes}) "
+                         f"(first: {int(y[bad][0])}; ignore_index={ignore_index})")
+    return features.reshape(-1, features.shape[-1]), y
+
+
+def class_stats(features: Tensor, labels: Tensor, num_classes: int, *, ignore_index: int = -100,
+                within_cov: bool = False, impl: str = "auto"):
+    """Per-class counts, sums and residual sums of squares of ``features`` grouped by ``labels``.
+
+    For rows ``h_i`` with labels ``y_i`` (``ignore_index`` skipped)::
+
+        counts_c = #{i : y_i = c},  sums_c = sum_{y_i = c} h_i,
+        m2_c = sum_{y_i = c} ||h_i - mean_c||^2,  mean_c = sums_c / counts_c
+
+    about the batch's own class means, so that batches merge exactly (Chan's formula; see
+    :class:`nckernels.collapse.ClassStats`). Features are upcast to float64 before any
+    subtraction; ``counts`` are int64, ``sums`` and ``m2`` float64, empty classes exactly 0.
+    With ``within_cov=True`` also returns the pooled within-class scatter
+    ``sum_i (h_i - mean_{y_i})(h_i - mean_{y_i})^T`` (float64, ``D x D``).
+
+    Args:
+        features: ``(..., D)`` fp32, fp16, bf16 or fp64.
+        labels: ``(...)`` int64 or int32 class indices in ``[0, num_classes)`` or ``ignore_index``.
+        impl: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"`` (see ``nckernels.backend``).
+
+    Returns:
+        :class:`ClassStatsResult` ``(counts, sums, m2)``, or :class:`ClassStatsWithScatter`
+        ``(counts, sums, m2, scatter)`` when ``within_cov``.
+    """
+    from .ops.collapse import segment_stats
+    from .reference.segment import within_scatter
+
+    rows, y = _check_labels(features, labels, num_classes, ignore_index)
+    backend = _backend.choose("class_stats", impl, features.device)
+    if backend == "triton" and rows.dtype == torch.float64:
+        backend = "reference"  # the Triton kernel reads fp32/fp16/bf16
+    counts, sums, m2 = segment_stats(rows, y, num_classes, ignore_index, backend)
+    if not within_cov:
+        return ClassStatsResult(counts, sums, m2)
+    means = sums / counts.clamp(min=1).unsqueeze(1)
+    return ClassStatsWithScatter(counts, sums, m2, within_scatter(rows, y, means, ignore_index))
