@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call: GPU tests, then every benchmark; results under $OUT
-# (suite.log, bench.{json,md}, rowwise.{json,md}: at most 8 files come back from the device).
+# The whole GPU check in one call: GPU tests, then every benchmark; results under $OUT:
+# suite.log, results.md (every table) and results.tar.gz (every JSON and table), since at most
+# 8 files come back from the device.
 #   bash benchmarks/gpu_suite.sh            (on the device machine, from the repo root)
 # Peer libraries (liger-kernel, cut-cross-entropy) are taken from .whl/*.whl when present
 # (the device machine has no package registry); contenders that fail to import are skipped.
 # Env: SKIP_TESTS=1, TUNE=1 (tile sweep first), BENCH_ARGS, PYTEST_ARGS.
 set -uo pipefail
 OUT=${OUT:-out}
-mkdir -p "$OUT"
+RAW="$OUT/raw"
+mkdir -p "$RAW"
 exec > >(tee "$OUT/suite.log") 2>&1
 export PYTHONUNBUFFERED=1 NCKERNELS_NO_JIT=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -24,6 +26,11 @@ fi
 if [ "${TUNE:-0}" = 1 ]; then
   python3 benchmarks/gpu_tune.py || status=1
 fi
-python3 benchmarks/gpu_bench.py --out "$OUT" ${BENCH_ARGS:-} || status=1
-python3 benchmarks/gpu_bench_rowwise.py --out "$OUT" || status=1
+python3 benchmarks/gpu_bench.py --out "$RAW" ${BENCH_ARGS:-} || status=1
+python3 benchmarks/gpu_bench_rowwise.py --out "$RAW" || status=1
+python3 benchmarks/gpu_bench_collapse_segment.py --out "$RAW" || status=1
+python3 benchmarks/gpu_bench_collapse_pairwise.py --out "$RAW" || status=1
+python3 benchmarks/gpu_bench_collapse_pipeline.py --out "$RAW" || status=1
+for f in "$RAW"/*.md; do echo "## $(basename "$f" .md)"; echo; cat "$f"; echo; done > "$OUT/results.md"
+tar czf "$OUT/results.tar.gz" -C "$RAW" . && rm -rf "$RAW"
 exit $status

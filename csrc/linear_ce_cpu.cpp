@@ -236,4 +236,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Choose the kernels' instruction set: 'auto' (the widest supported) or a name from supported_cpu_isas().");
   m.def("supported_cpu_isas", &supported_isas, "Instruction sets this build has kernels for and this CPU supports.");
   nck::init_stablemax(m);  // csrc/stablemax_cpu.cpp
+  nck::init_class_stats(m);  // csrc/class_stats_cpu.cpp
 }

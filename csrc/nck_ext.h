@@ -23,5 +23,6 @@ bool run_parallel(int64_t n, int64_t V);
 
 // Registration of the other translation units' functions, called from the PYBIND11_MODULE.
 void init_stablemax(pybind11::module_& m);
+void init_class_stats(pybind11::module_& m);  // csrc/class_stats_cpu.cpp
 
 }  // namespace nck

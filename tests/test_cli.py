@@ -1,4 +1,4 @@
-"""The main job: `python -m nckernels demo` trains a tiny LM twice and compares the losses."""
+"""The command line: `python -m nckernels demo` trains a tiny LM twice and compares the losses."""
 import re
 import subprocess
 import sys
@@ -16,6 +16,9 @@ def test_demo_small_run_agrees_with_pytorch():
         assert re.search(rf"{name}: median step +\d+\.\d ms, peak RSS +\d+ MiB", out.stdout), out.stdout
 
 
-def test_no_arguments_means_demo():
+def test_help_lists_both_jobs_and_collapse_is_the_default():
     out = subprocess.run([sys.executable, "-m", "nckernels", "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "demo" in out.stdout
+    assert out.returncode == 0 and "demo" in out.stdout and "collapse" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "nckernels", "--max-tokens", "-1"], capture_output=True, text=True,
+                         timeout=120)  # no subcommand: the options go to `collapse`, which rejects this one
+    assert out.returncode != 0 and "--max-tokens" in out.stderr

@@ -222,13 +222,14 @@ def nc4_predictions(features: Tensor, means: Tensor, weight: Tensor, bias: Optio
     dev = features.device
     finite = means.isfinite().all(1)
     candidates = finite if class_mask is None else finite & class_mask.to(means.device).bool()
-    mu = means.to(dev, torch.float64).nan_to_num()
-    ncc_bias = torch.where(candidates.to(dev), -mu.square().sum(1), -math.inf).float()
+    index = candidates.nonzero().squeeze(1).to(dev)  # the NCC runs over the candidate classes only
+    mu = means.to(dev)[index].double()
     backend = _backend.choose("linear_argmax", impl, dev)
     h = features.to(compute_dtype)
     linear_bias = None if bias is None else bias.to(dev, torch.float32)
     linear = linear_argmax(h, weight.to(dev, compute_dtype), linear_bias, backend)
-    ncc = linear_argmax(h, (2 * mu).to(compute_dtype), ncc_bias, backend)
+    nearest = linear_argmax(h, (2 * mu).to(compute_dtype), (-mu.square().sum(1)).float(), backend)
+    ncc = torch.where(nearest >= 0, index[nearest.clamp(min=0)] if len(index) else nearest, -1)
     return linear, ncc
 
 

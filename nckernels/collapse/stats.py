@@ -84,46 +84,65 @@ class ClassStats:
         return self._cov_classes
 
     def update(self, features: Tensor, labels: Tensor) -> "ClassStats":
-        """Add a batch: ``features (..., D)``, ``labels (...)`` (``ignore_index`` rows skipped)."""
+        """Add a batch: ``features (..., D)``, ``labels (...)`` (``ignore_index`` rows skipped).
+
+        The batch is reduced over the classes it contains only (labels renumbered ``0..k-1``), so
+        an update costs O(rows D + k D), not O(C D), however large the vocabulary.
+        """
         if features.shape[-1:] != (self.dim,):
             raise ValueError(f"features must have last dim {self.dim}, got shape {tuple(features.shape)}")
-        batch = F.class_stats(features, labels, self.num_classes, ignore_index=self.ignore_index,
-                              within_cov=self.track_within_cov, impl=self.impl)
-        counts, sums, m2 = (t.to(self.device) for t in batch[:3])
-        means = sums / counts.clamp(min=1).unsqueeze(1)
+        rows, y = F._check_labels(features, labels, self.num_classes, self.ignore_index)
+        valid = y != self.ignore_index
+        present = torch.unique(y[valid])
+        if present.numel() == 0:
+            return self
+        compact = torch.where(valid, torch.searchsorted(present, y), -1)
+        batch = F.class_stats(rows, compact, present.numel(), ignore_index=-1, within_cov=self.track_within_cov,
+                              impl=self.impl)
+        counts, sums, m2 = batch[:3]
+        means = sums / counts.unsqueeze(1)
         scatter = batch.scatter.to(self.device) if self.track_within_cov else None
         cls = None
         if self._cov_classes is not None:
-            rows = features.reshape(-1, self.dim)
             classes = self._cov_classes.to(rows.device)
-            cls = class_scatter(rows, labels.reshape(-1), classes, means.to(rows.device)[classes],
-                                self.ignore_index).to(self.device)
-        self._merge(counts, means, m2, scatter, cls)
+            slot = torch.searchsorted(present, classes).clamp(max=present.numel() - 1)
+            found = present[slot] == classes
+            cov_means = torch.where(found.unsqueeze(1), means[slot], 0.0)
+            cls = class_scatter(rows, y, classes, cov_means, self.ignore_index).to(self.device)
+        dev = self.device
+        self._merge(present.to(dev), counts.to(dev), means.to(dev), m2.to(dev), scatter, cls)
         return self
 
     def merge(self, other: "ClassStats") -> "ClassStats":
         """Fold another accumulator (same classes, width and tracking) into this one, exactly."""
         self._check_compatible(other)
-        self._merge(other._counts.to(self.device), other._means.to(self.device), other._m2.to(self.device),
-                    None if other._scatter is None else other._scatter.to(self.device),
-                    None if other._class_scatter is None else other._class_scatter.to(self.device))
+        dev = self.device
+        idx = (other._counts > 0).nonzero().squeeze(1)
+        self._merge(idx.to(dev), other._counts[idx].to(dev), other._means[idx].to(dev), other._m2[idx].to(dev),
+                    None if other._scatter is None else other._scatter.to(dev),
+                    None if other._class_scatter is None else other._class_scatter.to(dev))
         return self
 
-    def _merge(self, n_b, mu_b, m2_b, scatter_b, class_scatter_b):
-        n_a = self._counts
+    def _merge(self, idx, n_b, mu_b, m2_b, scatter_b, class_scatter_b):
+        """Chan's merge of part ``b`` (rows of the sorted classes ``idx``) into the state."""
+        if idx.numel() == 0:  # no rows: nothing to add (b's scatters are zero)
+            return
+        n_a = self._counts[idx]
+        mu_a = self._means[idx]
         n = n_a + n_b
-        delta = mu_b - self._means
+        delta = mu_b - mu_a
         n_a, n_b, total = n_a.double(), n_b.double(), n.clamp(min=1).double()
-        share_b = n_b / total
         cross = n_a * n_b / total  # 0 when either part has no rows of the class
-        self._means += delta * share_b.unsqueeze(1)
-        self._m2 += m2_b + delta.square().sum(1) * cross
+        self._means[idx] = mu_a + delta * (n_b / total).unsqueeze(1)
+        self._m2[idx] += m2_b + delta.square().sum(1) * cross
+        self._counts[idx] = n
         if self._scatter is not None:
             self._scatter += scatter_b + (delta * cross.unsqueeze(1)).T @ delta
         if self._class_scatter is not None:
-            d = delta[self._cov_classes]
-            self._class_scatter += class_scatter_b + cross[self._cov_classes, None, None] * (d.unsqueeze(2) * d.unsqueeze(1))
-        self._counts = n
+            slot = torch.searchsorted(idx, self._cov_classes).clamp(max=idx.numel() - 1)
+            found = idx[slot] == self._cov_classes
+            d = delta[slot] * found.unsqueeze(1)
+            self._class_scatter += class_scatter_b + (cross[slot] * found)[:, None, None] * (d.unsqueeze(2) * d.unsqueeze(1))
 
     def all_reduce(self, group=None) -> "ClassStats":
         """Replace this rank's state by the merge of every rank's state (collective; all ranks call it).

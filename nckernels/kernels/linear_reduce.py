@@ -21,6 +21,10 @@ transform (soft-capping here), and reduces it on the spot.
   Low-precision weights accumulate ``dW`` in an fp32 buffer of at most ``SLAB_BYTES`` that is
   cast into the gradient slab by slab, so extra memory is ``O(N D + slab)``, never ``O(N V)``.
 
+* ``linear_argmax``: grid ``(row tiles, vocabulary splits)``; each program keeps a running
+  ``(max, argmax)`` per row over its split's tiles (``_fold_argmax``: NaN logits never win, ties go
+  to the smallest index); per-split partials (``2 x splits x N``) are merged on the host.
+
 Ignored tokens are dropped before launch (``rows`` lists the tokens that count): they cost
 no FLOPs.
 """
@@ -95,6 +99,40 @@ def _forward_kernel(X, W, B, CW, ROWS, TGT, PART, n_rows, V, D, stride_x, stride
     tl.store(out + plane, stat1, mask=mask_m)
     tl.store(out + 2 * plane, z_tgt, mask=mask_m)
     tl.store(out + 3 * plane, z_smooth, mask=mask_m)
+
+
+@triton.jit
+def _fold_argmax(z, v0, mask_v, best, arg):
+    """Fold a logit tile into the running ``(max, argmax)`` of each row. NaN and masked logits never
+    win; within a tile the smallest index of the maximum wins, and a later tile must be strictly
+    larger to take over (so ties go to the smallest index overall); ``-inf`` never beats the
+    initial ``best = -inf``, so rows without a finite-or-+inf logit keep ``arg = -1``."""
+    z = tl.where(mask_v[None, :] & (z == z), z, float("-inf"))
+    m, j = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    take = m > best
+    return tl.where(take, m, best), tl.where(take, v0 + j, arg)
+
+
+@triton.jit
+def _argmax_kernel(X, W, B, PMAX, PARG, n_rows, V, D, stride_x, stride_w, tiles_per_split,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < n_rows
+    rows = offs_m.to(tl.int64)
+    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    arg = tl.full((BLOCK_M,), -1, tl.int32)
+    for t in range(0, tiles_per_split):
+        v0 = (pid_s * tiles_per_split + t) * BLOCK_V
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logits_tile(X, W, B, rows, offs_v.to(tl.int64), mask_m, mask_v, D, stride_x, stride_w,
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        best, arg = _fold_argmax(z, v0, mask_v, best, arg)
+    tl.store(PMAX + pid_s * n_rows + offs_m, best, mask=mask_m)
+    tl.store(PARG + pid_s * n_rows + offs_m, arg, mask=mask_m)
 
 
 @triton.jit
@@ -344,3 +382,35 @@ def backward(x, w, bias, rows, target, class_weight, norm, coef_p, coef_target, 
     dx = torch.zeros_like(x)
     dx[rows] = dx_rows.to(x.dtype)
     return dx, dw, (db.to(bias.dtype) if db is not None else None)
+
+
+def linear_argmax(x, w, bias=None):
+    """``argmax_j (x_i . w_j + b_j)`` for every row of ``x (N, D)`` over the ``C`` rows of ``w (C, D)``
+    (same float dtype; ``bias (C,)`` optional, may hold ``-inf`` for classes that must never win):
+    int64 ``(N,)``. Logits are fp32 (accumulated in fp32, TF32 as ``_precision`` says) and never
+    stored. Ties go to the smallest index (like ``torch.argmax``); NaN logits never win (unlike
+    ``torch.argmax``, which returns a NaN's index); a row without any logit ``> -inf`` (all
+    ``-inf``, or ``C = 0``) gets ``-1``. Extra memory: ``2 x splits x N`` partials."""
+    x, w = _row_major(x), _row_major(w)
+    (n, D), V = x.shape, w.shape[0]
+    if n == 0 or V == 0:
+        return torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    bias = bias.contiguous() if bias is not None else None
+    cfg = _tiles(x)
+    n_m = triton.cdiv(n, cfg["BLOCK_M"])
+    n_v = triton.cdiv(V, cfg["BLOCK_V"])
+    splits = max(1, min(n_v, triton.cdiv(2 * _num_sms(x.device), n_m)))
+    tiles_per_split = triton.cdiv(n_v, splits)
+    splits = triton.cdiv(n_v, tiles_per_split)
+    pmax = torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    parg = torch.empty((splits, n), dtype=torch.int32, device=x.device)
+    _argmax_kernel[(n_m, splits)](
+        x, w, bias, pmax, parg, n, V, D, x.stride(0), w.stride(0), tiles_per_split,
+        HAS_BIAS=bias is not None, EVEN_K=D % cfg["BLOCK_K"] == 0, PRECISION=_precision(x), **cfg,
+    )
+    if splits == 1:
+        return parg[0].to(torch.int64)
+    # Splits hold increasing class ranges: the first split that reaches the overall max holds the
+    # smallest winning index (pmax is never NaN; rows that are all -inf have -1 in every split).
+    first = (pmax == pmax.amax(0, keepdim=True)).to(torch.int32).argmax(0, keepdim=True)
+    return parg.gather(0, first)[0].to(torch.int64)
