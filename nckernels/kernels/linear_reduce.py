@@ -318,17 +318,22 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _vocab_splits(x, n: int, V: int, cfg: dict):
+    """``(row tiles, vocabulary splits, tiles per split)``: enough programs for ~2 waves of SMs."""
+    n_m = triton.cdiv(n, cfg["BLOCK_M"])
+    n_v = triton.cdiv(V, cfg["BLOCK_V"])
+    splits = max(1, min(n_v, triton.cdiv(2 * _num_sms(x.device), n_m)))
+    tiles_per_split = triton.cdiv(n_v, splits)
+    return n_m, triton.cdiv(n_v, tiles_per_split), tiles_per_split
+
+
 def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, stable=False):
     """Row statistics of the hidden rows ``x[rows]`` (fp32): ``(lse, z'_target, sum_j omega_j z'_j)``,
     or with ``stable`` (StableMax) ``(s(z_target), sum_{j != target} s(z_j))``."""
     x, w = _row_major(x), _row_major(w)
     n, (V, D) = rows.numel(), w.shape
     cfg = _tiles(x)
-    n_m = triton.cdiv(n, cfg["BLOCK_M"])
-    n_v = triton.cdiv(V, cfg["BLOCK_V"])
-    splits = max(1, min(n_v, triton.cdiv(2 * _num_sms(x.device), n_m)))
-    tiles_per_split = triton.cdiv(n_v, splits)
-    splits = triton.cdiv(n_v, tiles_per_split)
+    n_m, splits, tiles_per_split = _vocab_splits(x, n, V, cfg)
     part = torch.empty((4, splits, n), dtype=torch.float32, device=x.device)
     _forward_kernel[(n_m, splits)](
         x, w, bias, class_weight, rows, target, part, n, V, D, x.stride(0), w.stride(0), tiles_per_split,
@@ -397,11 +402,7 @@ def linear_argmax(x, w, bias=None):
         return torch.full((n,), -1, dtype=torch.int64, device=x.device)
     bias = bias.contiguous() if bias is not None else None
     cfg = _tiles(x)
-    n_m = triton.cdiv(n, cfg["BLOCK_M"])
-    n_v = triton.cdiv(V, cfg["BLOCK_V"])
-    splits = max(1, min(n_v, triton.cdiv(2 * _num_sms(x.device), n_m)))
-    tiles_per_split = triton.cdiv(n_v, splits)
-    splits = triton.cdiv(n_v, tiles_per_split)
+    n_m, splits, tiles_per_split = _vocab_splits(x, n, V, cfg)
     pmax = torch.empty((splits, n), dtype=torch.float32, device=x.device)
     parg = torch.empty((splits, n), dtype=torch.int32, device=x.device)
     _argmax_kernel[(n_m, splits)](
