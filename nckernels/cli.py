@@ -134,7 +134,7 @@ def _collapse(args) -> int:
     blocks = pipeline.pack(docs, tokenizer, args.seq_len, args.heldout_fraction, args.max_tokens)
     settings = pipeline.Settings(seq_len=args.seq_len, batch_size=args.batch_size,
                                  heldout_fraction=args.heldout_fraction, max_tokens=args.max_tokens,
-                                 exact_within_cov=args.exact_within_cov, world_size=world)
+                                 exact_within_cov=args.exact_within_cov, world_size=world, min_count=args.min_count)
     fingerprint = {"model": provenance["model_fingerprint"], "tokenizer": provenance["tokenizer_fingerprint"],
                    "corpus": blocks.fingerprint()}
     total = sum(int((b[:, 1:] != -100).sum()) for part in (blocks.train, blocks.heldout)
@@ -159,7 +159,7 @@ def _collapse(args) -> int:
     if rank != 0:
         return 0
     W = model.get_output_embeddings().weight.detach().to(stats.device, torch.float64)
-    metrics = pipeline.report(stats, nc4, W, bands=args.bands, impl=args.impl)
+    metrics = pipeline.report(stats, nc4, W, bands=args.bands, min_count=args.min_count, impl=args.impl)
     rows = pipeline.class_table(stats, nc4, W, tokenizer)
     provenance.update(corpus, train_tokens=stats.total, heldout_tokens=nc4.tokens, seq_len=args.seq_len,
                       heldout_fraction=args.heldout_fraction, classes_seen=int((stats.counts > 0).sum()),
@@ -226,6 +226,8 @@ def main(argv=None) -> int:
                      help="also accumulate the D x D within-class scatter (Papyan's NC1; exact in one pass)")
     col.add_argument("--bands", type=_positive_int, nargs="+", default=list(pipeline.DEFAULT_BANDS),
                      help="token-count band edges for the per-band metrics")
+    col.add_argument("--min-count", type=_positive_int, default=1,
+                     help="classes with fewer training tokens are excluded from every metric (NC4 candidates too)")
     col.add_argument("--out", default="collapse-report", help="output directory")
     col.add_argument("--save-every", type=int, default=25, help="checkpoint every N batches (0: never)")
     col.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

@@ -77,9 +77,9 @@ def _oracle_features(model_dir, blocks):
     return torch.cat(feats), torch.cat(labels), model.get_output_embeddings().weight.detach()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_pipeline_metrics_equal_float64_oracle(kind, tiny_models, tmp_path):
-    got = _run(tiny_models[kind], tmp_path, "--exact-within-cov")
+@pytest.mark.parametrize("kind, min_count", [("llama", 1), ("gpt2", 3)])
+def test_pipeline_metrics_equal_float64_oracle(kind, min_count, tiny_models, tmp_path):
+    got = _run(tiny_models[kind], tmp_path, "--exact-within-cov", "--min-count", str(min_count))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models[kind])
@@ -87,7 +87,7 @@ def test_pipeline_metrics_equal_float64_oracle(kind, tiny_models, tmp_path):
     blocks = pipeline.pack(docs, tokenizer, SEQ, 0.1, 3000)
     h, y, W = _oracle_features(tiny_models[kind], blocks.train)
     keep = y != -100
-    ref = oracle.metrics(h[keep], y[keep], W.shape[0], W)
+    ref = oracle.metrics(h[keep], y[keep], W.shape[0], W, min_count=min_count)
     for key, value in ref.items():
         assert got["metrics"][key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
     assert got["provenance"]["train_tokens"] == int(keep.sum())
@@ -97,7 +97,7 @@ def test_pipeline_metrics_equal_float64_oracle(kind, tiny_models, tmp_path):
     counts = torch.bincount(y[keep], minlength=W.shape[0])
     means = torch.zeros(W.shape[0], h.shape[1], dtype=torch.float64).index_add_(0, y[keep], h[keep].double())
     means = (means / counts[:, None]).where(counts[:, None] > 0, float("nan"))
-    lin, ncc = oracle.nc4_predictions(hh[kh], means, W)
+    lin, ncc = oracle.nc4_predictions(hh[kh], means, W, class_mask=counts >= min_count)
     assert got["metrics"]["nc4"] == pytest.approx(float((lin == ncc).double().mean()), abs=2 / int(kh.sum()))
     assert got["metrics"]["nc4_tokens"] == int(kh.sum())
     # the other outputs

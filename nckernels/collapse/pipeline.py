@@ -223,6 +223,7 @@ class Settings:
     max_tokens: Optional[int] = None
     exact_within_cov: bool = False
     world_size: int = 1
+    min_count: int = 1  # classes with fewer training tokens are never NCC candidates
 
 
 @dataclass
@@ -311,7 +312,7 @@ def measure(model, blocks: Blocks, *, settings: Settings, device: str = "cpu", c
         local_stats = stats.state_dict()
         if world > 1:
             stats.all_reduce()
-        nc4 = NC4Agreement(stats, W, bias, impl=impl)
+        nc4 = NC4Agreement(stats, W, bias, min_count=settings.min_count, impl=impl)
         if saved_nc4 is not None:
             nc4.load_state_dict(saved_nc4)
         if state.phase == "heldout":
@@ -334,10 +335,11 @@ def _maybe_die_for_test(state: Progress):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def report(stats: ClassStats, nc4: NC4Agreement, W: torch.Tensor, *, bands=DEFAULT_BANDS, impl: str = "auto") -> dict:
+def report(stats: ClassStats, nc4: NC4Agreement, W: torch.Tensor, *, bands=DEFAULT_BANDS, min_count: int = 1,
+           impl: str = "auto") -> dict:
     """The metrics dict of :func:`nckernels.collapse.metrics.compute` for a finished run."""
     present = [b for b in bands if b <= max(int(stats.counts.max()), 1)]
-    return compute(stats, weight=W, nc4=nc4, bands=present or None, impl=impl)
+    return compute(stats, weight=W, nc4=nc4, bands=present or None, min_count=min_count, impl=impl)
 
 
 def class_table(stats: ClassStats, nc4: NC4Agreement, W: torch.Tensor, tokenizer) -> list[dict]:
