@@ -40,8 +40,8 @@ lands in ``extra_info["peak_rss_mib"]``; it is skipped under ``--benchmark-disab
 
 On a shared machine the load changes between contenders; ``--interleaved`` runs the fast
 contenders (not the one-hot GEMM) alternately, round by round, in one process at the big shape,
-plus the C++ kernel with 1 thread and with uniform labels (no class above 0.02 % of the rows),
-and prints medians and the median of the per-round time ratios against ``torch-index_add``.
+plus the C++ kernel with 1 thread, with uniform labels (8 rows per class on average) and
+with each narrower instruction set than the default, and prints medians and the median of the per-round time ratios against ``torch-index_add``.
 """
 from __future__ import annotations
 
@@ -279,9 +279,20 @@ def interleaved(rounds=7):
         finally:
             torch.set_num_threads(threads)
 
+    def kernel_isa(isa):
+        def run(x, y, C):
+            _ext.get().set_cpu_isa(isa)
+            try:
+                return fns["cpp-kernel"](x, y, C)
+            finally:
+                _ext.get().set_cpu_isa("auto")
+        return run
+
     runs = {name: (fn, y) for name, fn in fns.items()}
     runs["cpp-kernel, 1 thread"] = (kernel_1thread, y)
     runs["cpp-kernel, uniform labels"] = (fns["cpp-kernel"], y_uniform)
+    for isa in _ext.get().supported_cpu_isas()[:-1]:  # the last one is what "auto" runs
+        runs[f"cpp-kernel, cpu_isa={isa}"] = (kernel_isa(isa), y)
     times = {name: [] for name in runs}
     for name, (fn, labels) in runs.items():  # warm-up
         fn(x, labels, C)

@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_stats_cpu(const at::Tensor&
   const bool parallel = ntasks > 1 && (kept + C) * std::max<int64_t>(D, 1) >= (int64_t{1} << 15);
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    std::vector<double> buf(static_cast<size_t>(2 * D));  // residual accumulators (and a mean, for the merge)
+    std::vector<double> buf(static_cast<size_t>(2 * D));  // a class's mean and residual accumulators
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
       const Task& task = tasks[t];
@@ -314,7 +314,7 @@ static inline double sum_lanes(const double* __restrict v, int64_t D) {
   int64_t d = 0;
   for (; d + 8 <= D; d += 8)
     for (int l = 0; l < 8; ++l) lane[l] += v[d + l];
-  for (int l = 0; d < D; ++d, ++l) lane[l] += v[d];
+  for (int l = 0; l < 8 && d + l < D; ++l) lane[l] += v[d + l];
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
@@ -332,100 +332,59 @@ static inline void prefetch_rows(const T* x, int64_t D, const int64_t* rows, int
 }
 
 // Sum and M2 (about their own mean) of the n rows x[rows[i] * D .. + D) in double:
-// sum[0..D) <- the sum, *m2 <- sum_i ||x_i - sum / n||^2 (0 when n <= 1). acc: D doubles.
+// sum[0..D) <- the sum, *m2 <- sum_i ||x_i - sum / n||^2 (0 when n <= 1). buf: 2 D doubles.
 // rows[0..ahead) may be read (ahead >= n): the rows past n are only prefetched.
-// Two passes. Rows are taken four at a time so that the D-long accumulators are loaded and
-// stored once per four rows; the first 1 to 4 rows (n - 1 mod 4, plus 1) initialise them, so a
-// class of 1 to 4 rows costs one sweep of its output row per pass.
+// Two passes; rows are taken four at a time so that the D-long accumulators are loaded and
+// stored once per four rows.
 template <int K>
 static void chunk_stats(const void* xv, int64_t D, const int64_t* __restrict rows, int64_t n, int64_t ahead,
-                        double* __restrict sum, double* __restrict m2, double* __restrict acc) {
+                        double* __restrict sum, double* __restrict m2, double* __restrict buf) {
   using E = Elem<K>;
   using T = typename E::T;
   const T* __restrict x = static_cast<const T*>(xv);
-  if (n <= 0) {
-    for (int64_t d = 0; d < D; ++d) sum[d] = 0.0;
-    *m2 = 0.0;
-    return;
-  }
-  const int64_t head = ((n - 1) & 3) + 1;  // 1 to 4
-  const int64_t pf_end = ahead < kAhead + head ? ahead : kAhead + head;
-  if (kAhead < pf_end) prefetch_rows(x, D, rows, kAhead, pf_end);
-  // pass 1: sums
-  {
-    const T* __restrict a = x + rows[0] * D;
-    if (head == 1) {
-      for (int64_t d = 0; d < D; ++d) sum[d] = E::get(a[d]);
-    } else if (head == 2) {
-      const T* __restrict b = x + rows[1] * D;
-      for (int64_t d = 0; d < D; ++d) sum[d] = E::get(a[d]) + E::get(b[d]);
-    } else if (head == 3) {
-      const T* __restrict b = x + rows[1] * D;
-      const T* __restrict c = x + rows[2] * D;
-      for (int64_t d = 0; d < D; ++d) sum[d] = (E::get(a[d]) + E::get(b[d])) + E::get(c[d]);
-    } else {
-      const T* __restrict b = x + rows[1] * D;
-      const T* __restrict c = x + rows[2] * D;
-      const T* __restrict e = x + rows[3] * D;
-      for (int64_t d = 0; d < D; ++d) sum[d] = (E::get(a[d]) + E::get(b[d])) + (E::get(c[d]) + E::get(e[d]));
-    }
-  }
-  for (int64_t i = head; i < n; i += 4) {
-    const int64_t p0 = i + kAhead, p1 = (i + kAhead + 4 < ahead) ? i + kAhead + 4 : ahead;
-    if (p0 < p1) prefetch_rows(x, D, rows, p0, p1);
+  for (int64_t d = 0; d < D; ++d) sum[d] = 0.0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const int64_t p1 = i + kAhead + 4 < ahead ? i + kAhead + 4 : ahead;
+    if (i + kAhead < p1) prefetch_rows(x, D, rows, i + kAhead, p1);
     const T* __restrict a = x + rows[i] * D;
     const T* __restrict b = x + rows[i + 1] * D;
     const T* __restrict c = x + rows[i + 2] * D;
     const T* __restrict e = x + rows[i + 3] * D;
-    for (int64_t d = 0; d < D; ++d)
-      sum[d] += (E::get(a[d]) + E::get(b[d])) + (E::get(c[d]) + E::get(e[d]));
+    for (int64_t d = 0; d < D; ++d) sum[d] += (E::get(a[d]) + E::get(b[d])) + (E::get(c[d]) + E::get(e[d]));
   }
-  if (n == 1) {
+  for (; i < n; ++i) {
+    if (i + kAhead < ahead) prefetch_rows(x, D, rows, i + kAhead, i + kAhead + 1);
+    const T* __restrict a = x + rows[i] * D;
+    for (int64_t d = 0; d < D; ++d) sum[d] += E::get(a[d]);
+  }
+  if (n <= 1) {
     *m2 = 0.0;
     return;
   }
-  // pass 2: squared residuals about the mean sum / n, per feature, then summed over features
-  const double inv = 1.0 / static_cast<double>(n);
-  {
-    const T* __restrict a = x + rows[0] * D;
-    if (head == 1) {
-      for (int64_t d = 0; d < D; ++d) {
-        const double mu = sum[d] * inv, ra = E::get(a[d]) - mu;
-        acc[d] = ra * ra;
-      }
-    } else if (head == 2) {
-      const T* __restrict b = x + rows[1] * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const double mu = sum[d] * inv, ra = E::get(a[d]) - mu, rb = E::get(b[d]) - mu;
-        acc[d] = ra * ra + rb * rb;
-      }
-    } else if (head == 3) {
-      const T* __restrict b = x + rows[1] * D;
-      const T* __restrict c = x + rows[2] * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const double mu = sum[d] * inv, ra = E::get(a[d]) - mu, rb = E::get(b[d]) - mu, rc = E::get(c[d]) - mu;
-        acc[d] = (ra * ra + rb * rb) + rc * rc;
-      }
-    } else {
-      const T* __restrict b = x + rows[1] * D;
-      const T* __restrict c = x + rows[2] * D;
-      const T* __restrict e = x + rows[3] * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const double mu = sum[d] * inv, ra = E::get(a[d]) - mu, rb = E::get(b[d]) - mu;
-        const double rc = E::get(c[d]) - mu, re = E::get(e[d]) - mu;
-        acc[d] = (ra * ra + rb * rb) + (rc * rc + re * re);
-      }
-    }
+  double* __restrict mean = buf;
+  double* __restrict acc = buf + D;
+  const double dn = static_cast<double>(n);
+  for (int64_t d = 0; d < D; ++d) {
+    mean[d] = sum[d] / dn;
+    acc[d] = 0.0;
   }
-  for (int64_t i = head; i < n; i += 4) {
+  for (i = 0; i + 4 <= n; i += 4) {
     const T* __restrict a = x + rows[i] * D;
     const T* __restrict b = x + rows[i + 1] * D;
     const T* __restrict c = x + rows[i + 2] * D;
     const T* __restrict e = x + rows[i + 3] * D;
     for (int64_t d = 0; d < D; ++d) {
-      const double mu = sum[d] * inv, ra = E::get(a[d]) - mu, rb = E::get(b[d]) - mu;
-      const double rc = E::get(c[d]) - mu, re = E::get(e[d]) - mu;
+      const double ra = E::get(a[d]) - mean[d], rb = E::get(b[d]) - mean[d];
+      const double rc = E::get(c[d]) - mean[d], re = E::get(e[d]) - mean[d];
       acc[d] += (ra * ra + rb * rb) + (rc * rc + re * re);
+    }
+  }
+  for (; i < n; ++i) {
+    const T* __restrict a = x + rows[i] * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const double r = E::get(a[d]) - mean[d];
+      acc[d] += r * r;
     }
   }
   *m2 = sum_lanes(acc, D);

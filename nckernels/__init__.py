@@ -14,8 +14,13 @@ from .functional import (
     softmax_collapse,
     stablemax,
     stablemax_cross_entropy,
+    cosface_loss,
+    arcface_loss,
+    combined_margin_loss,
+    circle_loss,
+    pair_circle_loss,
 )
-from .modules import CutCrossEntropyLoss
+from .modules import ArcFaceLoss, CircleLoss, CombinedMarginLoss, CosFaceLoss, CutCrossEntropyLoss, PairCircleLoss
 from . import collapse  # noqa: E402  (nckernels.collapse.ClassStats, .metrics)
 
 __all__ = [
@@ -35,5 +40,16 @@ __all__ = [
     "softmax_collapse",
     "stablemax",
     "stablemax_cross_entropy",
+    # margin losses (issue 6)
+    "cosface_loss",
+    "arcface_loss",
+    "combined_margin_loss",
+    "circle_loss",
+    "pair_circle_loss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "CombinedMarginLoss",
+    "CircleLoss",
+    "PairCircleLoss",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 ``impl="auto"`` picks Triton for CUDA tensors, the C++ CPU kernel where the op has one
 (and it won its CPU benchmark), else the PyTorch reference. An explicit ``impl=`` wins;
-otherwise the environment variable ``NCKERNELS_IMPL`` overrides ``auto``.
+otherwise the environment variable ``NCKERNELS_IMPL`` overrides ``auto`` for the ops that have that
+backend (the others stay on ``auto``).
 ``NCKERNELS_IMPL=triton`` with ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU
 tensors (used by the tests).
 """
@@ -28,6 +29,12 @@ _OP_BACKENDS = {
     "class_stats": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
     "pair_stats": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
     "linear_argmax": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    # margin losses (issue 6): the chunked reference only so far; Triton logit transforms come later
+    "cosface_loss": {"backends": ("reference",), "auto_cpu": "reference"},
+    "arcface_loss": {"backends": ("reference",), "auto_cpu": "reference"},
+    "combined_margin_loss": {"backends": ("reference",), "auto_cpu": "reference"},
+    "circle_loss": {"backends": ("reference",), "auto_cpu": "reference"},
+    "pair_circle_loss": {"backends": ("reference",), "auto_cpu": "reference"},
 }
 
 
@@ -54,8 +61,10 @@ def choose(op: str, impl: str, device: torch.device) -> str:
         impl = os.environ.get("NCKERNELS_IMPL", "auto") or "auto"
         if impl not in IMPLS:
             raise ValueError(f"NCKERNELS_IMPL must be one of {IMPLS}, got {impl!r}")
+        if impl not in spec["backends"]:  # the environment's choice does not exist for this op: auto
+            impl = "auto"
     if impl == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and "triton" in spec["backends"]:
             return "triton"
         if device.type == "cpu" and spec["auto_cpu"] == "cpp":
             from . import _ext

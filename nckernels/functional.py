@@ -459,3 +459,214 @@ def class_stats(features: Tensor, labels: Tensor, num_classes: int, *, ignore_in
         return ClassStatsResult(counts, sums, m2)
     means = sums / counts.clamp(min=1).unsqueeze(1)
     return ClassStatsWithScatter(counts, sums, m2, within_scatter(rows, y, means, ignore_index))
+
+
+# ----------------------------------------------------------------------------- margin losses (issue 6)
+#
+# Normalised-linear softmax losses of face recognition / metric learning: rows and class
+# centres are L2-normalised inside the op, cos_ij = e_hat_i . w_hat_j, and the loss is softmax
+# cross-entropy over transformed logits (the target column and the others transformed
+# differently). The math, the theta + m > pi policies and the gradient at |cos| = 1 are
+# specified in nckernels/reference/margin.py. Backends: the chunked PyTorch reference only
+# (online log-sum-exp over class chunks; no B x C matrix, no normalised copy of the weight);
+# the Triton logit transforms on the linear-reduce kernel family are a later step.
+
+_OVERFLOW_POLICIES = ("fallback", "clamp", "none")
+_MARGIN_GRADIENTS = ("exact", "insightface")
+
+
+def _prepare_margin(op: str, embeddings, weight, target, reduction, ignore_index, impl):
+    """Check the arguments of a class-level margin loss; return ``(embeddings, weight, target, backend)``."""
+    _check_tensor("embeddings", embeddings, dtypes=_FLOAT_DTYPES, ndim=2)
+    _check_tensor("weight", weight, dtypes=_FLOAT_DTYPES, ndim=2)
+    _check_tensor("target", target)
+    if target.is_floating_point() or target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    B, D = embeddings.shape
+    C, Dw = weight.shape
+    if Dw != D:
+        raise ValueError(f"embeddings have {D} features but weight has shape {(C, Dw)} (num_classes, embedding_size)")
+    if C < 1:
+        raise ValueError("weight must have at least one class (row)")
+    if target.shape != (B,):
+        raise ValueError(f"target shape {tuple(target.shape)} must be ({B},) for embeddings of shape {(B, D)}")
+    for name, t in (("weight", weight), ("target", target)):
+        if t.device != embeddings.device:
+            raise ValueError(f"{name} is on {t.device} but embeddings is on {embeddings.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    backend = _backend.choose(op, impl, embeddings.device)
+    # the target range is checked by the op (a host sync; kept out of the traced graph, as linear_cross_entropy)
+    return embeddings, weight, target.long(), backend
+
+
+def _check_choice(name: str, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _margin_loss(op, embeddings, weight, target, kind, s, m1, m2, m3, easy_margin, overflow, gradient, reduction,
+                 ignore_index, impl):
+    from .ops.margin import margin_ce_forward
+
+    e, w, tgt, backend = _prepare_margin(op, embeddings, weight, target, reduction, ignore_index, impl)
+    loss_tok, _ = margin_ce_forward(e, w, tgt, kind, float(s), float(m1), float(m2), float(m3), bool(easy_margin),
+                                    overflow, gradient, ignore_index, backend)
+    return _reduce(loss_tok, tgt, None, ignore_index, reduction, tgt.shape)
+
+
+def cosface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: float = 64.0, margin: float = 0.35,
+                 reduction: str = "mean", ignore_index: int = -100, impl: str = "auto") -> Tensor:
+    """CosFace / AM-softmax loss (Wang et al. 2018) of ``embeddings`` against class centres ``weight``.
+
+    With ``cos_ij = e_hat_i . w_hat_j`` (rows of both L2-normalised inside the op; gradients flow
+    through the normalisation to the raw tensors), the logits are ``s (cos_iy - m)`` for the
+    target and ``s cos_ij`` for the other classes, followed by softmax cross-entropy over all
+    ``C`` classes. The classes are processed in chunks with an online log-sum-exp: no ``B x C``
+    matrix is allocated; the backward recomputes the cosines.
+
+    Args:
+        embeddings: ``(B, D)`` fp32, fp16 or bf16 (computed in fp32 inside).
+        weight: ``(C, D)`` class centres (keep them fp32 under AMP; see :class:`CosFaceLoss`).
+        target: ``(B,)`` int64 / int32 class indices, ``ignore_index`` for rows to skip.
+        scale: ``s > 0``. margin: ``m`` in ``[0, 2]``.
+        reduction: ``"mean"`` (over non-ignored rows; NaN when all are ignored, like PyTorch),
+            ``"sum"`` or ``"none"`` (``(B,)``, 0 at ignored rows).
+        impl: ``"auto"`` or ``"reference"``: the chunked PyTorch reference is the only backend so
+            far, on CPU and CUDA alike (the Triton logit transforms on the fused linear-reduce
+            kernels are a later step).
+
+    Returns:
+        The fp32 loss.
+    """
+    _check_scalar("scale", scale, low=0.0, strict_low=True)
+    _check_scalar("margin", margin, low=0.0, high=2.0)
+    return _margin_loss("cosface_loss", embeddings, weight, target, "cosface", scale, 1.0, 0.0, margin, False,
+                        "none", "exact", reduction, ignore_index, impl)
+
+
+def combined_margin_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: float = 64.0,
+                         m1: float = 1.0, m2: float = 0.5, m3: float = 0.0, easy_margin: bool = False,
+                         theta_overflow: str = "fallback", gradient: str = "exact", reduction: str = "mean",
+                         ignore_index: int = -100, impl: str = "auto") -> Tensor:
+    """Combined-margin loss (insightface): target logit ``s (cos(m1 theta + m2) - m3)``, others ``s cos``.
+
+    ``theta = acos(cos_iy)``; SphereFace's ``m1``, ArcFace's ``m2`` and CosFace's ``m3`` are all
+    honoured at once (unlike insightface's ``CombinedMarginLoss``, which drops ``m2`` when
+    ``m3 > 0``). Normalisation, chunking and reductions as in :func:`cosface_loss`.
+
+    Args:
+        m1: ``> 0``. m2: in ``[0, pi]``. m3: in ``[0, 2]``.
+        theta_overflow: what to do where ``m1 theta + m2 > pi`` (there ``cos(.)`` increases again with
+            ``theta``, rewarding the wrong direction):
+
+            * ``"fallback"`` (default): insightface's classic rule, the target logit becomes
+              ``s (cos - m3 - m2 sin(m2))`` (for ArcFace: where ``cos > cos(pi - m)`` use
+              ``cos(theta + m)``, else ``cos - m sin(m)``; note the rule is not continuous at the
+              threshold), with derivative ``s`` w.r.t. ``cos``;
+            * ``"clamp"``: ``m1 theta + m2`` is clamped to ``pi`` (logit ``s (-1 - m3)``, zero gradient there);
+            * ``"none"``: the plain formula (what insightface's current code computes).
+        easy_margin: apply the margin only where ``cos > 0`` (plain ``s cos`` elsewhere).
+        gradient: ``"exact"`` (default): the true derivative
+            ``d cos(m1 theta + m2) / d cos = m1 sin(m1 theta + m2) / sin(theta)``; ``"insightface"``:
+            the forward above but the backward of the target logit taken as ``s`` per unit ``cos``
+            (insightface since Dec 2022 computes ``s (p - onehot)`` w.r.t. ``s cos``, dropping the
+            ``sin(theta + m) / sin(theta)`` factor).
+
+    No NaN at ``cos = +-1``, in fp16/bf16, or with ``theta`` near ``pi``: ``cos`` is clamped to
+    ``[-1, 1]`` for ``acos``, ``sin(theta) = sqrt(max(1 - cos^2, 0))``, and where ``sin(theta)`` is
+    exactly 0 (``|cos| = 1``) the margin derivative is taken as 0; there the embedding is parallel
+    to its centre, so the gradient of ``cos`` w.r.t. the raw vectors is 0 anyway, and the target
+    term contributes no gradient (the other classes still do).
+    """
+    _check_scalar("scale", scale, low=0.0, strict_low=True)
+    _check_scalar("m1", m1, low=0.0, strict_low=True)
+    _check_scalar("m2", m2, low=0.0, high=math.pi)
+    _check_scalar("m3", m3, low=0.0, high=2.0)
+    _check_choice("theta_overflow", theta_overflow, _OVERFLOW_POLICIES)
+    _check_choice("gradient", gradient, _MARGIN_GRADIENTS)
+    if not isinstance(easy_margin, bool):
+        raise TypeError(f"easy_margin must be a bool, got {easy_margin!r}")
+    return _margin_loss("combined_margin_loss", embeddings, weight, target, "combined", scale, m1, m2, m3,
+                        easy_margin, theta_overflow, gradient, reduction, ignore_index, impl)
+
+
+def arcface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: float = 64.0, margin: float = 0.5,
+                 easy_margin: bool = False, theta_overflow: str = "fallback", gradient: str = "exact",
+                 reduction: str = "mean", ignore_index: int = -100, impl: str = "auto") -> Tensor:
+    """ArcFace loss (Deng et al. 2019): target logit ``s cos(theta + m)``, others ``s cos``.
+
+    :func:`combined_margin_loss` with ``m1 = 1, m2 = margin, m3 = 0``; ``margin`` in radians, in
+    ``[0, pi]``. ``theta_overflow`` (``"fallback"``: where ``cos <= cos(pi - m)`` the target logit is
+    ``s (cos - m sin(m))``; ``"clamp"``: ``theta + m`` clamped to ``pi``; ``"none"``: plain
+    ``cos(theta + m)``), ``easy_margin`` and ``gradient`` (``"exact"``: factor
+    ``sin(theta + m) / sin(theta)``, 0 at exactly ``|cos| = 1``; ``"insightface"``: factor 1) as
+    documented there. Normalisation, chunking and reductions as in :func:`cosface_loss`.
+    """
+    _check_scalar("margin", margin, low=0.0, high=math.pi)
+    _check_scalar("scale", scale, low=0.0, strict_low=True)
+    _check_choice("theta_overflow", theta_overflow, _OVERFLOW_POLICIES)
+    _check_choice("gradient", gradient, _MARGIN_GRADIENTS)
+    if not isinstance(easy_margin, bool):
+        raise TypeError(f"easy_margin must be a bool, got {easy_margin!r}")
+    return _margin_loss("arcface_loss", embeddings, weight, target, "combined", scale, 1.0, margin, 0.0,
+                        easy_margin, theta_overflow, gradient, reduction, ignore_index, impl)
+
+
+def circle_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, gamma: float = 256.0, margin: float = 0.25,
+                reduction: str = "mean", ignore_index: int = -100, impl: str = "auto") -> Tensor:
+    """Class-level Circle loss (Sun et al. 2020): softmax CE over re-weighted cosine logits.
+
+    With ``s = cos`` to the normalised class centres, ``alpha_p = [1 + m - s_p]_+`` and
+    ``alpha_n = [s_n + m]_+`` (both detached: constants of the gradient), ``Delta_p = 1 - m`` and
+    ``Delta_n = m``, the target logit is ``gamma alpha_p (s_p - Delta_p)`` and the others
+    ``gamma alpha_n (s_n - Delta_n)``. Defaults are the face setting (``m = 0.25, gamma = 256``);
+    re-ID uses ``gamma = 128``, fine-grained ``m = 0.4, gamma = 80``. Normalisation, chunking and
+    reductions as in :func:`cosface_loss`. ``gamma > 0``, ``margin`` in ``[0, 1]``.
+    """
+    _check_scalar("gamma", gamma, low=0.0, strict_low=True)
+    _check_scalar("margin", margin, low=0.0, high=1.0)
+    return _margin_loss("circle_loss", embeddings, weight, target, "circle", gamma, 1.0, margin, 0.0, False, "none",
+                        "exact", reduction, ignore_index, impl)
+
+
+def pair_circle_loss(embeddings: Tensor, labels: Tensor, *, gamma: float = 80.0, margin: float = 0.4,
+                     reduction: str = "mean", impl: str = "auto") -> Tensor:
+    """Pair-wise Circle loss over a batch (Sun et al. 2020; pytorch-metric-learning's ``CircleLoss``).
+
+    With ``s_ij = e_hat_i . e_hat_j`` (L2-normalised embeddings; the self-pair excluded), positives
+    ``P_i = {j != i: y_j = y_i}``, negatives ``N_i = {j: y_j != y_i}`` and ``alpha`` detached as in
+    :func:`circle_loss`, per anchor::
+
+        loss_i = softplus(LSE_{j in N_i} gamma alpha_n (s_ij - m) + LSE_{j in P_i} -gamma alpha_p (s_ij - (1 - m)))
+
+    ``reduction="mean"`` averages over the anchors that have both a positive and a negative (as
+    pytorch-metric-learning does); a batch without any such anchor gives 0 (with a zero
+    gradient, not NaN, so that such a batch does not break training). ``"sum"`` sums them,
+    ``"none"`` returns ``(B,)`` with 0 at the other anchors. Computed in fp32 over row chunks of
+    the ``B x B`` similarities (the reference; a fused kernel is a later step).
+    """
+    from .reference.margin import pair_circle
+
+    _check_tensor("embeddings", embeddings, dtypes=_FLOAT_DTYPES, ndim=2)
+    _check_tensor("labels", labels)
+    if labels.is_floating_point() or labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must hold class indices as int64 or int32, got {labels.dtype}")
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be ({embeddings.shape[0]},)")
+    if labels.device != embeddings.device:
+        raise ValueError(f"labels is on {labels.device} but embeddings is on {embeddings.device}")
+    _check_scalar("gamma", gamma, low=0.0, strict_low=True)
+    _check_scalar("margin", margin, low=0.0, high=1.0)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _backend.choose("pair_circle_loss", impl, embeddings.device)
+    with torch.autocast(embeddings.device.type, enabled=False):
+        loss, both = pair_circle(embeddings, labels.long(), float(gamma), float(margin))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / both.sum().clamp_min(1)
