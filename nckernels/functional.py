@@ -512,8 +512,8 @@ def _margin_loss(op, embeddings, weight, target, kind, s, m1, m2, m3, easy_margi
     from .ops.margin import margin_ce_forward
 
     e, w, tgt, backend = _prepare_margin(op, embeddings, weight, target, reduction, ignore_index, impl)
-    loss_tok, _ = margin_ce_forward(e, w, tgt, kind, float(s), float(m1), float(m2), float(m3), bool(easy_margin),
-                                    overflow, gradient, ignore_index, backend)
+    loss_tok = margin_ce_forward(e, w, tgt, kind, float(s), float(m1), float(m2), float(m3), bool(easy_margin),
+                                 overflow, gradient, ignore_index, backend)[0]
     return _reduce(loss_tok, tgt, None, ignore_index, reduction, tgt.shape)
 
 

@@ -2,10 +2,15 @@
 
 One pair of custom ops serves CosFace, ArcFace, the combined margin and class-level Circle
 (``kind`` and the floats ``s, m1, m2, m3`` select the logit transforms; see
-``reference/margin.py`` for the math). The forward returns the per-row loss and the
-log-sum-exp over the non-target classes ``lse^o`` (fp32, zeros at ignored rows); the backward
-recomputes the cosines chunk by chunk from ``lse^o``. Argument checks live in ``functional.py``.
-Only the reference backend exists so far (the Triton logit transforms are a later step).
+``reference/margin.py`` for the math). The forward returns the per-row loss, the log-sum-exp
+over the non-target classes ``lse^o`` and the target logit ``z_y`` (fp32, zeros at ignored
+rows); the backward recomputes the cosines from them. Argument checks live in ``functional.py``.
+
+Both ops are built on :func:`shard_forward` / :func:`shard_backward`, which see one slice of
+the classes (all of them here; one rank's shard in ``nckernels.distributed``): the target
+column is handled per row in PyTorch (``O(B D)``), the other columns by the backend
+(``reference``: class chunks; ``triton``: the fused linear-reduce kernels with the cosine
+logit transform, ``kernels/linear_reduce.py``).
 """
 from __future__ import annotations
 
@@ -13,6 +18,43 @@ import torch
 from torch import Tensor
 
 from ..reference import margin as ref
+
+
+def _others(backend: str):
+    """``(others_lse, others_backward)`` of the backend (signatures of ``reference.margin``)."""
+    if backend == "triton":
+        from ..kernels import linear_reduce
+
+        return linear_reduce.margin_others_lse, linear_reduce.margin_others_backward
+    return ref.others_lse, ref.others_backward
+
+
+def shard_forward(e: Tensor, w: Tensor, tgt: Tensor, kind: str, s: float, m1: float, m2: float, m3: float,
+                  easy_margin: bool, overflow: str, backend: str) -> tuple[Tensor, Tensor]:
+    """``(lse^o, z_t)`` (fp32 ``(n,)``) of rows ``e (n, D)`` (all valid) against the centres ``w (C, D)``;
+    ``tgt (n,)`` indexes ``w``, or is ``-1`` where the row's target is not among these classes.
+    ``lse^o``: log-sum-exp of the non-target transformed logits (``-inf`` if none); ``z_t``: the
+    transformed target logit (0 where ``tgt = -1``). The loss of a row is
+    ``softplus(lse^o - z_t)`` once both are combined over all class shards."""
+    e_hat, _ = ref.normalize(e)
+    terms = ref.target_terms(e_hat, w, tgt, kind, s, m1, m2, m3, easy_margin, overflow, "exact")
+    z_t = torch.zeros(e.shape[0], dtype=torch.float32, device=e.device)
+    z_t[terms.rows] = terms.z
+    return _others(backend)[0](e_hat, w, tgt, kind, s, m2), z_t
+
+
+def shard_backward(e: Tensor, w: Tensor, tgt: Tensor, lse_o: Tensor, z_t: Tensor, grad: Tensor, kind: str, s: float,
+                   m1: float, m2: float, m3: float, easy_margin: bool, overflow: str, gradient: str,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """``(de (n, D), dw (C, D))`` (fp32) of ``sum_i grad_i softplus(lse^o_i - z_t_i)`` through this
+    shard's logits, where ``lse^o`` and ``z_t`` are the combined (global) statistics."""
+    e_hat, e_norm = ref.normalize(e)
+    grad = grad.float()
+    lse = torch.logaddexp(lse_o, z_t)
+    de_hat, dw = _others(backend)[1](e_hat, w, tgt, lse, grad, kind, s, m2)
+    terms = ref.target_terms(e_hat, w, tgt, kind, s, m1, m2, m3, easy_margin, overflow, gradient)
+    ref.target_backward(e_hat, de_hat, dw, tgt, terms, lse_o, z_t, grad)
+    return ref.normalize_backward(e_hat, e_norm, de_hat), dw
 
 
 def _valid_rows(target: Tensor, ignore_index: int, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -29,30 +71,31 @@ def _valid_rows(target: Tensor, ignore_index: int, num_classes: int) -> tuple[Te
 def margin_ce_forward(
     embeddings: Tensor, weight: Tensor, target: Tensor, kind: str, s: float, m1: float, m2: float, m3: float,
     easy_margin: bool, overflow: str, gradient: str, ignore_index: int, backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     B, C = target.shape[0], weight.shape[0]
-    loss = torch.zeros(B, dtype=torch.float32, device=embeddings.device)
-    lse_o = torch.zeros(B, dtype=torch.float32, device=embeddings.device)
+    loss, lse_o, z_t = (torch.zeros(B, dtype=torch.float32, device=embeddings.device) for _ in range(3))
     rows, tgt = _valid_rows(target, ignore_index, C)
     if rows.numel() == 0:
-        return loss, lse_o
+        return loss, lse_o, z_t
     with torch.autocast(embeddings.device.type, enabled=False):
-        loss_v, lse_v = ref.forward(embeddings[rows], weight, tgt, kind, s, m1, m2, m3, easy_margin, overflow)
-    loss[rows] = loss_v
+        lse_v, z_v = shard_forward(embeddings[rows], weight, tgt, kind, s, m1, m2, m3, easy_margin, overflow,
+                                   backend)
+    loss[rows] = torch.nn.functional.softplus(lse_v - z_v)
     lse_o[rows] = lse_v
-    return loss, lse_o
+    z_t[rows] = z_v
+    return loss, lse_o, z_t
 
 
 @margin_ce_forward.register_fake
 def _(embeddings, weight, target, kind, s, m1, m2, m3, easy_margin, overflow, gradient, ignore_index, backend):
     B = target.shape[0]
-    return embeddings.new_empty(B, dtype=torch.float32), embeddings.new_empty(B, dtype=torch.float32)
+    return tuple(embeddings.new_empty(B, dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("nckernels::margin_ce_backward", mutates_args=())
 def margin_ce_backward(
-    embeddings: Tensor, weight: Tensor, target: Tensor, lse_o: Tensor, grad_loss: Tensor, kind: str, s: float,
-    m1: float, m2: float, m3: float, easy_margin: bool, overflow: str, gradient: str, ignore_index: int,
+    embeddings: Tensor, weight: Tensor, target: Tensor, lse_o: Tensor, z_t: Tensor, grad_loss: Tensor, kind: str,
+    s: float, m1: float, m2: float, m3: float, easy_margin: bool, overflow: str, gradient: str, ignore_index: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Gradients ``(d embeddings, d weight)`` of ``sum_i grad_loss_i loss_i``, in the inputs' dtypes."""
@@ -61,14 +104,14 @@ def margin_ce_backward(
     if rows.numel() == 0:
         return de, torch.zeros_like(weight)
     with torch.autocast(embeddings.device.type, enabled=False):
-        de_v, dw = ref.backward(embeddings[rows], weight, tgt, lse_o[rows], grad_loss[rows], kind, s, m1, m2, m3,
-                                easy_margin, overflow, gradient)
+        de_v, dw = shard_backward(embeddings[rows], weight, tgt, lse_o[rows], z_t[rows], grad_loss[rows], kind, s,
+                                  m1, m2, m3, easy_margin, overflow, gradient, backend)
     de[rows] = de_v.to(de.dtype)
     return de, dw.to(weight.dtype)
 
 
 @margin_ce_backward.register_fake
-def _(embeddings, weight, target, lse_o, grad_loss, kind, s, m1, m2, m3, easy_margin, overflow, gradient,
+def _(embeddings, weight, target, lse_o, z_t, grad_loss, kind, s, m1, m2, m3, easy_margin, overflow, gradient,
       ignore_index, backend):
     return torch.empty_like(embeddings), torch.empty_like(weight)
 
@@ -76,16 +119,14 @@ def _(embeddings, weight, target, lse_o, grad_loss, kind, s, m1, m2, m3, easy_ma
 def _setup_context(ctx, inputs, output):
     embeddings, weight, target, *options = inputs
     ctx.options = options
-    ctx.save_for_backward(embeddings, weight, target, output[1])
+    ctx.save_for_backward(embeddings, weight, target, output[1], output[2])
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    embeddings, weight, target, lse_o = ctx.saved_tensors
-    kind, s, m1, m2, m3, easy_margin, overflow, gradient, ignore_index, backend = ctx.options
+def _backward(ctx, grad_loss, grad_lse, grad_z):
+    embeddings, weight, target, lse_o, z_t = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse_o)
-    de, dw = margin_ce_backward(embeddings, weight, target, lse_o, grad_loss.contiguous(), kind, s, m1, m2, m3,
-                                easy_margin, overflow, gradient, ignore_index, backend)
+    de, dw = margin_ce_backward(embeddings, weight, target, lse_o, z_t, grad_loss.contiguous(), *ctx.options)
     return (de, dw) + (None,) * 11
 
 

@@ -45,6 +45,7 @@ The target transform ``phi`` (``combined``) and its policies:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -102,14 +103,14 @@ def target_logit(c: Tensor, kind: str, s: float, m1: float, m2: float, m3: float
 # ----------------------------------------------------------------------------- helpers
 
 
-def _normalize(x: Tensor) -> tuple[Tensor, Tensor]:
+def normalize(x: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 ``(x_hat, ||x||)`` of the rows of ``x``."""
     x = x.float()
     norm = torch.linalg.vector_norm(x, dim=-1)
     return x / norm.clamp_min(NORM_EPS)[:, None], norm
 
 
-def _normalize_backward(x_hat: Tensor, norm: Tensor, d_hat: Tensor) -> Tensor:
+def normalize_backward(x_hat: Tensor, norm: Tensor, d_hat: Tensor) -> Tensor:
     """Gradient w.r.t. ``x`` of ``x_hat = x / max(||x||, eps)`` given ``d_hat = dL/dx_hat``."""
     proj = d_hat - x_hat * (x_hat * d_hat).sum(-1, keepdim=True)
     return torch.where((norm > NORM_EPS)[:, None], proj, d_hat) / norm.clamp_min(NORM_EPS)[:, None]
@@ -129,58 +130,76 @@ def _target_in_chunk(tgt: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     return rows, tgt[rows] - lo
 
 
-# ----------------------------------------------------------------------------- forward / backward
+# ----------------------------------------------------------------------------- the target column
 
 
-def forward(e: Tensor, w: Tensor, tgt: Tensor, kind: str, s: float, m1: float, m2: float, m3: float,
-            easy_margin: bool, overflow: str, budget: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-row ``(loss, lse^o)`` (fp32) of embeddings ``e (n, D)`` with targets ``tgt (n,)`` (all valid)."""
+class TargetTerms(NamedTuple):
+    """The target column of the rows whose target lies in this weight (``tgt >= 0``)."""
+    rows: Tensor      # (k,) row indices
+    w_hat: Tensor     # (k, D) normalised target centres
+    w_norm: Tensor    # (k,) their norms
+    z: Tensor         # (k,) target logits z_y
+    dz: Tensor        # (k,) dz_y / dc
+
+
+def target_terms(e_hat: Tensor, w: Tensor, tgt: Tensor, kind: str, s: float, m1: float, m2: float, m3: float,
+                 easy_margin: bool, overflow: str, gradient: str) -> TargetTerms:
+    """Target logits of the rows with ``tgt >= 0``: ``O(k D)``, one centre per row."""
+    rows = (tgt >= 0).nonzero().squeeze(1)
+    w_hat, w_norm = normalize(w[tgt[rows]])
+    c = (e_hat[rows] * w_hat).sum(-1)
+    z, dz = target_logit(c, kind, s, m1, m2, m3, easy_margin, overflow, gradient)
+    return TargetTerms(rows, w_hat, w_norm, z, dz)
+
+
+def target_backward(e_hat: Tensor, de_hat: Tensor, dw: Tensor, tgt: Tensor, terms: TargetTerms, lse_o: Tensor,
+                    z_t: Tensor, grad: Tensor) -> None:
+    """Add the target column's ``g (p_y - 1) dz_y/dc`` to ``de_hat`` and ``dw`` (in place), with
+    ``p_y - 1 = -sigmoid(lse^o - z_y)`` (no cancellation on confident rows)."""
+    r = terms.rows
+    dc = -grad[r] * torch.sigmoid(lse_o[r] - z_t[r]) * terms.dz
+    de_hat.index_add_(0, r, dc[:, None] * terms.w_hat)
+    dw.index_add_(0, tgt[r], normalize_backward(terms.w_hat, terms.w_norm, dc[:, None] * e_hat[r]).to(dw.dtype))
+
+
+# ----------------------------------------------------------------------------- the other columns
+
+
+def others_lse(e_hat: Tensor, w: Tensor, tgt: Tensor, kind: str, s: float, m: float,
+               budget: int | None = None) -> Tensor:
+    """fp32 ``lse^o_i``: log-sum-exp over the classes of ``w`` other than ``tgt_i`` (``-inf`` if none),
+    in class chunks with an online log-sum-exp."""
     budget = budget or chunk_bytes()
-    n, (C, D) = e.shape[0], w.shape
-    e_hat, _ = _normalize(e)
-    w_hat_y, _ = _normalize(w[tgt])
-    c_t = (e_hat * w_hat_y).sum(-1)
-    z_t, _ = target_logit(c_t, kind, s, m1, m2, m3, easy_margin, overflow, "exact")
-    lse_o = torch.full((n,), -math.inf, dtype=torch.float32, device=e.device)
-    circle_m = m2
+    n, (C, D) = e_hat.shape[0], w.shape
+    lse_o = torch.full((n,), -math.inf, dtype=torch.float32, device=e_hat.device)
     for lo, hi in _class_chunks(n, C, D, budget):
-        w_hat, _ = _normalize(w[lo:hi])
-        z, _ = other_logits(e_hat @ w_hat.T, kind, s, circle_m)
+        w_hat, _ = normalize(w[lo:hi])
+        z, _ = other_logits(e_hat @ w_hat.T, kind, s, m)
         rows, cols = _target_in_chunk(tgt, lo, hi)
         z[rows, cols] = -math.inf
         lse_o = torch.logaddexp(lse_o, torch.logsumexp(z, dim=1))
         del z, w_hat
-    return torch.nn.functional.softplus(lse_o - z_t), lse_o
+    return lse_o
 
 
-def backward(e: Tensor, w: Tensor, tgt: Tensor, lse_o: Tensor, grad: Tensor, kind: str, s: float, m1: float,
-             m2: float, m3: float, easy_margin: bool, overflow: str, gradient: str,
-             budget: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(de (n, D), dw (C, D))`` (fp32) of ``sum_i grad_i loss_i``, recomputing the chunk cosines."""
+def others_backward(e_hat: Tensor, w: Tensor, tgt: Tensor, lse: Tensor, grad: Tensor, kind: str, s: float, m: float,
+                    budget: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(dL/de_hat, dL/dw)`` (fp32) of the non-target columns: ``dL/dc_ij = g_i p_ij dz_ij/dc_ij`` with
+    ``p_ij = exp(z_ij - lse_i)`` (``lse`` over all classes), recomputing each chunk's cosines."""
     budget = budget or chunk_bytes()
-    n, (C, D) = e.shape[0], w.shape
-    grad = grad.float()
-    e_hat, e_norm = _normalize(e)
-    w_hat_y, w_norm_y = _normalize(w[tgt])
-    c_t = (e_hat * w_hat_y).sum(-1)
-    z_t, dz_t = target_logit(c_t, kind, s, m1, m2, m3, easy_margin, overflow, gradient)
-    lse = torch.logaddexp(lse_o, z_t)
+    n, (C, D) = e_hat.shape[0], w.shape
     de_hat = torch.zeros_like(e_hat)
     dw = torch.zeros((C, D), dtype=torch.float32, device=w.device)
     for lo, hi in _class_chunks(n, C, D, budget):
-        w_hat, w_norm = _normalize(w[lo:hi])
-        z, dz = other_logits(e_hat @ w_hat.T, kind, s, m2)
+        w_hat, w_norm = normalize(w[lo:hi])
+        z, dz = other_logits(e_hat @ w_hat.T, kind, s, m)
         dc = z.sub_(lse[:, None]).exp_().mul_(dz).mul_(grad[:, None])  # g p_j dz_j/dc_j
         rows, cols = _target_in_chunk(tgt, lo, hi)
         dc[rows, cols] = 0.0
         de_hat.addmm_(dc, w_hat)
-        dw[lo:hi] = _normalize_backward(w_hat, w_norm, dc.T @ e_hat)
+        dw[lo:hi] = normalize_backward(w_hat, w_norm, dc.T @ e_hat)
         del z, dz, dc, w_hat
-    # target column: g (p_y - 1) dz_y/dc, p_y - 1 = -sigmoid(lse^o - z_y)
-    dc_t = -grad * torch.sigmoid(lse_o - z_t) * dz_t
-    de_hat.addcmul_(dc_t[:, None], w_hat_y)
-    dw.index_add_(0, tgt, _normalize_backward(w_hat_y, w_norm_y, dc_t[:, None] * e_hat))
-    return _normalize_backward(e_hat, e_norm, de_hat), dw
+    return de_hat, dw
 
 
 # ----------------------------------------------------------------------------- pair-wise Circle
