@@ -29,12 +29,12 @@ _OP_BACKENDS = {
     "class_stats": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
     "pair_stats": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
     "linear_argmax": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
-    # margin losses (issue 6): the chunked reference only so far; Triton logit transforms come later
-    "cosface_loss": {"backends": ("reference",), "auto_cpu": "reference"},
-    "arcface_loss": {"backends": ("reference",), "auto_cpu": "reference"},
-    "combined_margin_loss": {"backends": ("reference",), "auto_cpu": "reference"},
-    "circle_loss": {"backends": ("reference",), "auto_cpu": "reference"},
-    "pair_circle_loss": {"backends": ("reference",), "auto_cpu": "reference"},
+    # margin losses (issue 6): Triton cosine logit transforms on the linear-reduce kernels; chunked reference
+    "cosface_loss": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    "arcface_loss": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    "combined_margin_loss": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    "circle_loss": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
+    "pair_circle_loss": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
 }
 
 

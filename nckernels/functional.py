@@ -467,9 +467,10 @@ def class_stats(features: Tensor, labels: Tensor, num_classes: int, *, ignore_in
 # centres are L2-normalised inside the op, cos_ij = e_hat_i . w_hat_j, and the loss is softmax
 # cross-entropy over transformed logits (the target column and the others transformed
 # differently). The math, the theta + m > pi policies and the gradient at |cos| = 1 are
-# specified in nckernels/reference/margin.py. Backends: the chunked PyTorch reference only
-# (online log-sum-exp over class chunks; no B x C matrix, no normalised copy of the weight);
-# the Triton logit transforms on the linear-reduce kernel family are a later step.
+# specified in nckernels/reference/margin.py. Backends: Triton (the cosine logit transform on
+# the fused linear-reduce kernels, kernels/linear_reduce.py: logits live in registers only) and
+# the chunked PyTorch reference (online log-sum-exp over class chunks). Neither allocates a
+# B x C matrix or a normalised copy of the weight.
 
 _OVERFLOW_POLICIES = ("fallback", "clamp", "none")
 _MARGIN_GRADIENTS = ("exact", "insightface")
@@ -524,19 +525,23 @@ def cosface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: f
     With ``cos_ij = e_hat_i . w_hat_j`` (rows of both L2-normalised inside the op; gradients flow
     through the normalisation to the raw tensors), the logits are ``s (cos_iy - m)`` for the
     target and ``s cos_ij`` for the other classes, followed by softmax cross-entropy over all
-    ``C`` classes. The classes are processed in chunks with an online log-sum-exp: no ``B x C``
-    matrix is allocated; the backward recomputes the cosines.
+    ``C`` classes. No ``B x C`` matrix is allocated: the Triton kernels keep each tile of cosines
+    in registers and reduce it with an online log-sum-exp (the reference does the same over class
+    chunks); the backward recomputes the cosines. The target column is computed per row.
 
     Args:
-        embeddings: ``(B, D)`` fp32, fp16 or bf16 (computed in fp32 inside).
+        embeddings: ``(B, D)`` fp32, fp16 or bf16. The reference computes in fp32; the Triton
+            kernels multiply in the embeddings' dtype (bf16 rows: bf16 tensor cores, as autocast
+            would; fp32 rows: fp32, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set)
+            and accumulate, normalise and transform in fp32.
         weight: ``(C, D)`` class centres (keep them fp32 under AMP; see :class:`CosFaceLoss`).
         target: ``(B,)`` int64 / int32 class indices, ``ignore_index`` for rows to skip.
         scale: ``s > 0``. margin: ``m`` in ``[0, 2]``.
         reduction: ``"mean"`` (over non-ignored rows; NaN when all are ignored, like PyTorch),
             ``"sum"`` or ``"none"`` (``(B,)``, 0 at ignored rows).
-        impl: ``"auto"`` or ``"reference"``: the chunked PyTorch reference is the only backend so
-            far, on CPU and CUDA alike (the Triton logit transforms on the fused linear-reduce
-            kernels are a later step).
+        impl: ``"auto"`` (Triton on CUDA, the reference on CPU), ``"triton"`` or ``"reference"``.
+            Under ``torch.use_deterministic_algorithms(True)`` the Triton backward avoids atomics
+            and is bitwise reproducible.
 
     Returns:
         The fp32 loss.
@@ -555,7 +560,7 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, 
 
     ``theta = acos(cos_iy)``; SphereFace's ``m1``, ArcFace's ``m2`` and CosFace's ``m3`` are all
     honoured at once (unlike insightface's ``CombinedMarginLoss``, which drops ``m2`` when
-    ``m3 > 0``). Normalisation, chunking and reductions as in :func:`cosface_loss`.
+    ``m3 > 0``). Normalisation, backends and reductions as in :func:`cosface_loss`.
 
     Args:
         m1: ``> 0``. m2: in ``[0, pi]``. m3: in ``[0, 2]``.
@@ -603,7 +608,7 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: f
     ``s (cos - m sin(m))``; ``"clamp"``: ``theta + m`` clamped to ``pi``; ``"none"``: plain
     ``cos(theta + m)``), ``easy_margin`` and ``gradient`` (``"exact"``: factor
     ``sin(theta + m) / sin(theta)``, 0 at exactly ``|cos| = 1``; ``"insightface"``: factor 1) as
-    documented there. Normalisation, chunking and reductions as in :func:`cosface_loss`.
+    documented there. Normalisation, backends and reductions as in :func:`cosface_loss`.
     """
     _check_scalar("margin", margin, low=0.0, high=math.pi)
     _check_scalar("scale", scale, low=0.0, strict_low=True)
@@ -645,8 +650,10 @@ def pair_circle_loss(embeddings: Tensor, labels: Tensor, *, gamma: float = 80.0,
     ``reduction="mean"`` averages over the anchors that have both a positive and a negative (as
     pytorch-metric-learning does); a batch without any such anchor gives 0 (with a zero
     gradient, not NaN, so that such a batch does not break training). ``"sum"`` sums them,
-    ``"none"`` returns ``(B,)`` with 0 at the other anchors. Computed in fp32 over row chunks of
-    the ``B x B`` similarities (the reference; a fused kernel is a later step).
+    ``"none"`` returns ``(B,)`` with 0 at the other anchors. Backends: Triton (one fused kernel
+    reduces the masked positive and negative log-sum-exps of each anchor; the ``B x B``
+    similarities exist only as register tiles; the backward is deterministic) and the reference
+    (fp32 PyTorch over row chunks of the similarities).
     """
     from .reference.margin import pair_circle
 
@@ -662,9 +669,14 @@ def pair_circle_loss(embeddings: Tensor, labels: Tensor, *, gamma: float = 80.0,
     _check_scalar("margin", margin, low=0.0, high=1.0)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    _backend.choose("pair_circle_loss", impl, embeddings.device)
-    with torch.autocast(embeddings.device.type, enabled=False):
-        loss, both = pair_circle(embeddings, labels.long(), float(gamma), float(margin))
+    if _backend.choose("pair_circle_loss", impl, embeddings.device) == "triton":
+        from .ops.margin import pair_circle_forward
+
+        loss, lse_n, lse_p = pair_circle_forward(embeddings, labels.long(), float(gamma), float(margin))
+        both = (lse_n > -math.inf) & (lse_p > -math.inf)
+    else:
+        with torch.autocast(embeddings.device.type, enabled=False):
+            loss, both = pair_circle(embeddings, labels.long(), float(gamma), float(margin))
     if reduction == "none":
         return loss
     if reduction == "sum":

@@ -15,6 +15,11 @@ normalised probabilities and the per-row coefficients ``a, b, c`` computed by th
 StableMax ``p_j t'(z_j) = s(z_j) / S * 1 / (1 + |z_j|)``, and the onehot term is scaled by the
 same ``1 / (1 + |z_y|)``: the transform derivative is ``s'(z) / s(z) = 1 / (1 + |z|)`` on the
 log scale.
+
+Margin losses (``margin_logits``): the tile holds cosines; the non-target columns are
+transformed (``s c``, or Circle's re-weighting), the target column is ``-inf`` (its margin
+transform is applied per row outside the kernel), and the gradient is the softmax one times
+``dz/dc``.
 """
 import triton
 import triton.language as tl
@@ -30,6 +35,32 @@ def tanh(x):
 def stablemax_s(z):
     """``s(z) = z + 1`` (z >= 0), ``1 / (1 - z)`` (z < 0), without evaluating 1/(1 - z) at z >= 1."""
     return tl.where(z >= 0, z + 1.0, 1.0 / (1.0 - tl.minimum(z, 0.0)))
+
+
+@triton.jit
+def lse_fold(m, s, z):
+    """Fold a tile ``z`` (``-inf`` where masked) into each row's running ``(max, sum exp(z - max))``.
+    Like torch.logsumexp, an infinite max is replaced by 0 as the reference point: two ``-inf``
+    maxima must not make NaN, and a ``+inf`` logit gives an LSE of ``+inf``; ``lse = m + log(s)``
+    (``merge_lse`` on the host)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_safe = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+
+
+@triton.jit
+def margin_logits(c, offs_v, tgt, scale, margin, CIRCLE: tl.constexpr):
+    """Non-target logits of a cosine tile and ``dz/dc`` (``reference.margin.other_logits``):
+    ``s c`` and ``s``, or Circle's ``g a_n (c - m)`` and ``g a_n`` with ``a_n = [c + m]_+``
+    (detached). The target column becomes ``-inf``: the margin losses handle it per row."""
+    if CIRCLE:
+        alpha = tl.maximum(c + margin, 0.0)
+        z = scale * alpha * (c - margin)
+        dz_dc = scale * alpha
+    else:
+        z = scale * c
+        dz_dc = c * 0.0 + scale
+    return tl.where(offs_v[None, :] == tgt[:, None], float("-inf"), z), dz_dc
 
 
 @triton.jit
@@ -50,13 +81,7 @@ def fold_stats(z, offs_v, mask_v, tgt, CW, stat0, stat1, z_tgt, z_smooth, softca
     else:
         if SOFTCAP:
             z = softcap * tanh(z / softcap)
-        z_in = tl.where(mask_v[None, :], z, float("-inf"))
-        m_new = tl.maximum(stat0, tl.max(z_in, axis=1))
-        # Like torch.logsumexp, an infinite max is replaced by 0 as the reference point: two -inf
-        # maxima must not make NaN, and a +inf logit gives an LSE of +inf.
-        m_safe = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
-        stat1 = stat1 * tl.exp(stat0 - m_safe) + tl.sum(tl.exp(z_in - m_safe[:, None]), axis=1)
-        stat0 = m_new
+        stat0, stat1 = lse_fold(stat0, stat1, tl.where(mask_v[None, :], z, float("-inf")))
     z_tgt += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
     if SMOOTH:
         if HAS_CW:

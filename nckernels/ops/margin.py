@@ -29,6 +29,13 @@ def _others(backend: str):
     return ref.others_lse, ref.others_backward
 
 
+def _compute_rows(e_hat: Tensor, e: Tensor, backend: str) -> Tensor:
+    """The normalised rows as the backend's products read them: the reference computes in fp32; the
+    Triton kernels multiply in the embeddings' dtype (fp32 rows: fp32 products; bf16 rows: bf16 tensor
+    cores, the precision autocast would pick) and accumulate in fp32."""
+    return e_hat.to(e.dtype) if backend == "triton" else e_hat
+
+
 def shard_forward(e: Tensor, w: Tensor, tgt: Tensor, kind: str, s: float, m1: float, m2: float, m3: float,
                   easy_margin: bool, overflow: str, backend: str) -> tuple[Tensor, Tensor]:
     """``(lse^o, z_t)`` (fp32 ``(n,)``) of rows ``e (n, D)`` (all valid) against the centres ``w (C, D)``;
@@ -40,7 +47,7 @@ def shard_forward(e: Tensor, w: Tensor, tgt: Tensor, kind: str, s: float, m1: fl
     terms = ref.target_terms(e_hat, w, tgt, kind, s, m1, m2, m3, easy_margin, overflow, "exact")
     z_t = torch.zeros(e.shape[0], dtype=torch.float32, device=e.device)
     z_t[terms.rows] = terms.z
-    return _others(backend)[0](e_hat, w, tgt, kind, s, m2), z_t
+    return _others(backend)[0](_compute_rows(e_hat, e, backend), w, tgt, kind, s, m2), z_t
 
 
 def shard_backward(e: Tensor, w: Tensor, tgt: Tensor, lse_o: Tensor, z_t: Tensor, grad: Tensor, kind: str, s: float,
@@ -51,7 +58,7 @@ def shard_backward(e: Tensor, w: Tensor, tgt: Tensor, lse_o: Tensor, z_t: Tensor
     e_hat, e_norm = ref.normalize(e)
     grad = grad.float()
     lse = torch.logaddexp(lse_o, z_t)
-    de_hat, dw = _others(backend)[1](e_hat, w, tgt, lse, grad, kind, s, m2)
+    de_hat, dw = _others(backend)[1](_compute_rows(e_hat, e, backend), w, tgt, lse, grad, kind, s, m2)
     terms = ref.target_terms(e_hat, w, tgt, kind, s, m1, m2, m3, easy_margin, overflow, gradient)
     ref.target_backward(e_hat, de_hat, dw, tgt, terms, lse_o, z_t, grad)
     return ref.normalize_backward(e_hat, e_norm, de_hat), dw
@@ -131,3 +138,68 @@ def _backward(ctx, grad_loss, grad_lse, grad_z):
 
 
 torch.library.register_autograd("nckernels::margin_ce_forward", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- pair-wise Circle (fused kernel)
+# The reference path is differentiable PyTorch (reference.margin.pair_circle); these ops serve the
+# Triton kernels, which keep the B x B similarities in registers.
+
+
+def _pair_circle_terms(lse_n: Tensor, lse_p: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, has_both)``: ``x = lse_n + lse_p`` and the anchors with a positive and a negative."""
+    has_both = (lse_n > float("-inf")) & (lse_p > float("-inf"))
+    return torch.where(has_both, lse_n + lse_p, 0.0), has_both
+
+
+@torch.library.custom_op("nckernels::pair_circle_forward", mutates_args=())
+def pair_circle_forward(embeddings: Tensor, labels: Tensor, gamma: float, margin: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per anchor ``(loss, lse_n, lse_p)`` (fp32): ``loss = softplus(lse_n + lse_p)``, 0 for anchors
+    without both a positive and a negative."""
+    from ..kernels import linear_reduce
+
+    e_hat, _ = ref.normalize(embeddings)
+    with torch.autocast(embeddings.device.type, enabled=False):
+        lse_n, lse_p = linear_reduce.pair_circle_forward(e_hat.to(embeddings.dtype), labels, gamma, margin)
+    x, has_both = _pair_circle_terms(lse_n, lse_p)
+    return torch.where(has_both, torch.nn.functional.softplus(x), 0.0), lse_n, lse_p
+
+
+@pair_circle_forward.register_fake
+def _(embeddings, labels, gamma, margin):
+    return tuple(embeddings.new_empty(embeddings.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("nckernels::pair_circle_backward", mutates_args=())
+def pair_circle_backward(embeddings: Tensor, labels: Tensor, lse_n: Tensor, lse_p: Tensor, grad_loss: Tensor,
+                         gamma: float, margin: float) -> Tensor:
+    """``d embeddings`` of ``sum_i grad_i loss_i``: ``dloss_i/dx_i = sigmoid(x_i)``."""
+    from ..kernels import linear_reduce
+
+    e_hat, e_norm = ref.normalize(embeddings)
+    x, has_both = _pair_circle_terms(lse_n, lse_p)
+    coef = torch.where(has_both, grad_loss.float() * torch.sigmoid(x), 0.0)
+    inf = torch.full_like(lse_n, float("inf"))
+    with torch.autocast(embeddings.device.type, enabled=False):
+        de_hat = linear_reduce.pair_circle_backward(e_hat.to(embeddings.dtype), labels, torch.where(has_both, lse_n, inf),
+                                                    torch.where(has_both, lse_p, inf), coef, gamma, margin)
+    return ref.normalize_backward(e_hat, e_norm, de_hat).to(embeddings.dtype)
+
+
+@pair_circle_backward.register_fake
+def _(embeddings, labels, lse_n, lse_p, grad_loss, gamma, margin):
+    return torch.empty_like(embeddings)
+
+
+def _pair_setup(ctx, inputs, output):
+    embeddings, labels, ctx.gamma, ctx.margin = inputs
+    ctx.save_for_backward(embeddings, labels, output[1], output[2])
+
+
+def _pair_backward(ctx, grad_loss, *_):
+    embeddings, labels, lse_n, lse_p = ctx.saved_tensors
+    grad_loss = torch.zeros_like(lse_n) if grad_loss is None else grad_loss.contiguous()
+    return pair_circle_backward(embeddings, labels, lse_n, lse_p, grad_loss, ctx.gamma, ctx.margin), None, None, None
+
+
+torch.library.register_autograd("nckernels::pair_circle_forward", _pair_backward, setup_context=_pair_setup)
