@@ -8,6 +8,8 @@ Zipf(1.1) over randomly permuted class ids: the top class holds ~14 % of the row
 and fp32 features, times (CUDA events, ``triton.testing.do_bench``, median):
 
 * ``triton``: ``nckernels.kernels.segment.segment_stats`` (sort, class-aligned chunks, Chan merge);
+* ``cuda``: ``nckernels.class_stats(..., impl="cuda")``: the CUDA C++ twin (csrc/cuda/class_stats_cuda.cu,
+  one block per chunk, the same plan built with torch ops, a block per multi-chunk class for the merge);
 * ``index_add``: the plain PyTorch reference (``h.double()``, ``bincount``, ``index_add_`` of the
   rows, the means, ``index_add_`` of the squared residual norms);
 * ``onehot_gemm``: the one-hot GEMM of the Linguistic Collapse code (``onehot(y, C).double().T @
@@ -57,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import nckernels  # noqa: E402
 from nckernels.kernels.segment import segment_stats  # noqa: E402
 
 
@@ -133,6 +136,8 @@ def main():
         copy_gb_s = 2 * feat_bytes / t_copy / 1e6
         ref = index_add_ref(h, y, C)
         fns = {"triton": lambda: segment_stats(h, y, C, -100), "index_add": lambda: index_add_ref(h, y, C)}
+        if device == "cuda":  # the CUDA C++ kernel (csrc/cuda, JIT-built on first use; an error row if it cannot be)
+            fns["cuda"] = lambda: tuple(nckernels.class_stats(h, y, C, impl="cuda"))
         if not ARGS.skip_onehot:
             fns["onehot_gemm"] = lambda: onehot_gemm(h, y, C, ARGS.onehot_rows)
         base = {"dtype": dt, "feature_bytes": feat_bytes, "output_bytes": out_bytes, "copy_ms": t_copy,

@@ -1,6 +1,7 @@
 """The one place that decides which implementation runs a call.
 
-``impl="auto"`` picks Triton for CUDA tensors, the C++ CPU kernel where the op has one
+``impl="auto"`` picks Triton for CUDA tensors (``impl="cuda"`` selects the CUDA C++ kernel of
+an op that has one), the C++ CPU kernel where the op has one
 (and it won its CPU benchmark), else the PyTorch reference. An explicit ``impl=`` wins;
 otherwise the environment variable ``NCKERNELS_IMPL`` overrides ``auto`` for the ops that have that
 backend (the others stay on ``auto``).
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-IMPLS = ("auto", "triton", "cpp", "reference")
+IMPLS = ("auto", "triton", "cuda", "cpp", "reference")
 
 # Which backends each op has, and whether ``auto`` should prefer the C++ CPU kernel
 # (only where benchmarks/bench_cpu.py shows it beating the reference).
@@ -26,7 +27,7 @@ _OP_BACKENDS = {
     "cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "reference"},
     "stablemax_cross_entropy": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
     # neural-collapse statistics (nckernels.collapse): family 2, family 3, family 1's argmax
-    "class_stats": {"backends": ("triton", "cpp", "reference"), "auto_cpu": "cpp"},
+    "class_stats": {"backends": ("triton", "cuda", "cpp", "reference"), "auto_cpu": "cpp"},
     "pair_stats": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
     "linear_argmax": {"backends": ("triton", "reference"), "auto_cpu": "reference"},
     # margin losses (issue 6): Triton cosine logit transforms on the linear-reduce kernels; chunked reference
@@ -82,6 +83,13 @@ def choose(op: str, impl: str, device: torch.device) -> str:
                 f"impl='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to "
                 "run the kernels on CPU in the interpreter"
             )
+    if impl == "cuda":
+        from . import _ext
+
+        if device.type != "cuda":
+            raise ValueError(f"impl='cuda' runs on CUDA tensors, got {device.type}")
+        if _ext.get_cuda() is None:
+            raise RuntimeError(f"impl='cuda' needs the CUDA extension, which is unavailable: {_ext.cuda_error()}")
     if impl == "cpp":
         from . import _ext
 

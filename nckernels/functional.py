@@ -441,7 +441,8 @@ def class_stats(features: Tensor, labels: Tensor, num_classes: int, *, ignore_in
     Args:
         features: ``(..., D)`` fp32, fp16, bf16 or fp64.
         labels: ``(...)`` int64 or int32 class indices in ``[0, num_classes)`` or ``ignore_index``.
-        impl: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"`` (see ``nckernels.backend``).
+        impl: ``"auto"``, ``"triton"``, ``"cuda"`` (csrc/cuda, JIT-built with nvcc on first use),
+            ``"cpp"`` or ``"reference"`` (see ``nckernels.backend``).
 
     Returns:
         :class:`ClassStatsResult` ``(counts, sums, m2)``, or :class:`ClassStatsWithScatter`
