@@ -22,6 +22,7 @@ from .functional import (
 )
 from .modules import ArcFaceLoss, CircleLoss, CombinedMarginLoss, CosFaceLoss, CutCrossEntropyLoss, PairCircleLoss
 from . import collapse  # noqa: E402  (nckernels.collapse.ClassStats, .metrics)
+from . import distributed  # noqa: E402  (nckernels.distributed.PartialFC, .vocab_parallel_cross_entropy)
 
 __all__ = [
     "ClassStatsResult",
@@ -51,5 +52,6 @@ __all__ = [
     "CombinedMarginLoss",
     "CircleLoss",
     "PairCircleLoss",
+    "distributed",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -509,13 +509,82 @@ def _check_choice(name: str, value, choices):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _margin_loss(op, embeddings, weight, target, kind, s, m1, m2, m3, easy_margin, overflow, gradient, reduction,
-                 ignore_index, impl):
+class MarginSpec(NamedTuple):
+    """A margin loss in the terms of the margin ops (``nckernels/reference/margin.py``): the functional op it
+    is (``"arcface_loss"``...), the logit ``kind``, scale ``s``, margins ``m1, m2, m3`` and the angular options."""
+    op: str
+    kind: str
+    s: float
+    m1: float
+    m2: float
+    m3: float
+    easy_margin: bool
+    overflow: str
+    gradient: str
+
+
+def _check_angular(easy_margin, theta_overflow, gradient):
+    _check_choice("theta_overflow", theta_overflow, _OVERFLOW_POLICIES)
+    _check_choice("gradient", gradient, _MARGIN_GRADIENTS)
+    if not isinstance(easy_margin, bool):
+        raise TypeError(f"easy_margin must be a bool, got {easy_margin!r}")
+
+
+def _cosface_spec(scale=64.0, margin=0.35):
+    _check_scalar("scale", scale, low=0.0, strict_low=True)
+    _check_scalar("margin", margin, low=0.0, high=2.0)
+    return MarginSpec("cosface_loss", "cosface", float(scale), 1.0, 0.0, float(margin), False, "none", "exact")
+
+
+def _arcface_spec(scale=64.0, margin=0.5, easy_margin=False, theta_overflow="fallback", gradient="exact"):
+    _check_scalar("scale", scale, low=0.0, strict_low=True)
+    _check_scalar("margin", margin, low=0.0, high=math.pi)
+    _check_angular(easy_margin, theta_overflow, gradient)
+    return MarginSpec("arcface_loss", "combined", float(scale), 1.0, float(margin), 0.0, easy_margin, theta_overflow,
+                      gradient)
+
+
+def _combined_spec(scale=64.0, m1=1.0, m2=0.5, m3=0.0, easy_margin=False, theta_overflow="fallback", gradient="exact"):
+    _check_scalar("scale", scale, low=0.0, strict_low=True)
+    _check_scalar("m1", m1, low=0.0, strict_low=True)
+    _check_scalar("m2", m2, low=0.0, high=math.pi)
+    _check_scalar("m3", m3, low=0.0, high=2.0)
+    _check_angular(easy_margin, theta_overflow, gradient)
+    return MarginSpec("combined_margin_loss", "combined", float(scale), float(m1), float(m2), float(m3), easy_margin,
+                      theta_overflow, gradient)
+
+
+def _circle_spec(gamma=256.0, margin=0.25):
+    _check_scalar("gamma", gamma, low=0.0, strict_low=True)
+    _check_scalar("margin", margin, low=0.0, high=1.0)
+    return MarginSpec("circle_loss", "circle", float(gamma), 1.0, float(margin), 0.0, False, "none", "exact")
+
+
+# name -> the parameters (and defaults, ranges) of the nckernels function of that loss
+MARGIN_LOSSES = {"cosface": _cosface_spec, "arcface": _arcface_spec, "combined": _combined_spec,
+                 "circle": _circle_spec}
+
+
+def margin_spec(margin_loss: Union[str, tuple[str, Mapping]]) -> MarginSpec:
+    """``"arcface"`` or ``("cosface", {"scale": 64, "margin": 0.35})``: a name of :data:`MARGIN_LOSSES` and the
+    keyword arguments of its nckernels function (``cosface_loss``, ``arcface_loss``, ``combined_margin_loss``,
+    ``circle_loss``; defaults and ranges as there)."""
+    name, params = (margin_loss, {}) if isinstance(margin_loss, str) else tuple(margin_loss)
+    if name not in MARGIN_LOSSES or not isinstance(params, Mapping):
+        raise ValueError(f"margin_loss must be one of {tuple(MARGIN_LOSSES)} or a (name, params dict) pair, "
+                         f"got {margin_loss!r}")
+    try:
+        return MARGIN_LOSSES[name](**params)
+    except TypeError as err:
+        raise TypeError(f"margin_loss {name!r}: {err}") from None
+
+
+def _margin_loss(spec: MarginSpec, embeddings, weight, target, reduction, ignore_index, impl):
     from .ops.margin import margin_ce_forward
 
-    e, w, tgt, backend = _prepare_margin(op, embeddings, weight, target, reduction, ignore_index, impl)
-    loss_tok = margin_ce_forward(e, w, tgt, kind, float(s), float(m1), float(m2), float(m3), bool(easy_margin),
-                                 overflow, gradient, ignore_index, backend)[0]
+    e, w, tgt, backend = _prepare_margin(spec.op, embeddings, weight, target, reduction, ignore_index, impl)
+    loss_tok = margin_ce_forward(e, w, tgt, spec.kind, spec.s, spec.m1, spec.m2, spec.m3, spec.easy_margin,
+                                 spec.overflow, spec.gradient, ignore_index, backend)[0]
     return _reduce(loss_tok, tgt, None, ignore_index, reduction, tgt.shape)
 
 
@@ -547,10 +616,7 @@ def cosface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: f
     Returns:
         The fp32 loss.
     """
-    _check_scalar("scale", scale, low=0.0, strict_low=True)
-    _check_scalar("margin", margin, low=0.0, high=2.0)
-    return _margin_loss("cosface_loss", embeddings, weight, target, "cosface", scale, 1.0, 0.0, margin, False,
-                        "none", "exact", reduction, ignore_index, impl)
+    return _margin_loss(_cosface_spec(scale, margin), embeddings, weight, target, reduction, ignore_index, impl)
 
 
 def combined_margin_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: float = 64.0,
@@ -587,16 +653,8 @@ def combined_margin_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, 
     to its centre, so the gradient of ``cos`` w.r.t. the raw vectors is 0 anyway, and the target
     term contributes no gradient (the other classes still do).
     """
-    _check_scalar("scale", scale, low=0.0, strict_low=True)
-    _check_scalar("m1", m1, low=0.0, strict_low=True)
-    _check_scalar("m2", m2, low=0.0, high=math.pi)
-    _check_scalar("m3", m3, low=0.0, high=2.0)
-    _check_choice("theta_overflow", theta_overflow, _OVERFLOW_POLICIES)
-    _check_choice("gradient", gradient, _MARGIN_GRADIENTS)
-    if not isinstance(easy_margin, bool):
-        raise TypeError(f"easy_margin must be a bool, got {easy_margin!r}")
-    return _margin_loss("combined_margin_loss", embeddings, weight, target, "combined", scale, m1, m2, m3,
-                        easy_margin, theta_overflow, gradient, reduction, ignore_index, impl)
+    spec = _combined_spec(scale, m1, m2, m3, easy_margin, theta_overflow, gradient)
+    return _margin_loss(spec, embeddings, weight, target, reduction, ignore_index, impl)
 
 
 def arcface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: float = 64.0, margin: float = 0.5,
@@ -611,14 +669,8 @@ def arcface_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, scale: f
     ``sin(theta + m) / sin(theta)``, 0 at exactly ``|cos| = 1``; ``"insightface"``: factor 1) as
     documented there. Normalisation, backends and reductions as in :func:`cosface_loss`.
     """
-    _check_scalar("margin", margin, low=0.0, high=math.pi)
-    _check_scalar("scale", scale, low=0.0, strict_low=True)
-    _check_choice("theta_overflow", theta_overflow, _OVERFLOW_POLICIES)
-    _check_choice("gradient", gradient, _MARGIN_GRADIENTS)
-    if not isinstance(easy_margin, bool):
-        raise TypeError(f"easy_margin must be a bool, got {easy_margin!r}")
-    return _margin_loss("arcface_loss", embeddings, weight, target, "combined", scale, 1.0, margin, 0.0,
-                        easy_margin, theta_overflow, gradient, reduction, ignore_index, impl)
+    spec = _arcface_spec(scale, margin, easy_margin, theta_overflow, gradient)
+    return _margin_loss(spec, embeddings, weight, target, reduction, ignore_index, impl)
 
 
 def circle_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, gamma: float = 256.0, margin: float = 0.25,
@@ -632,10 +684,7 @@ def circle_loss(embeddings: Tensor, weight: Tensor, target: Tensor, *, gamma: fl
     re-ID uses ``gamma = 128``, fine-grained ``m = 0.4, gamma = 80``. Normalisation, chunking and
     reductions as in :func:`cosface_loss`. ``gamma > 0``, ``margin`` in ``[0, 1]``.
     """
-    _check_scalar("gamma", gamma, low=0.0, strict_low=True)
-    _check_scalar("margin", margin, low=0.0, high=1.0)
-    return _margin_loss("circle_loss", embeddings, weight, target, "circle", gamma, 1.0, margin, 0.0, False, "none",
-                        "exact", reduction, ignore_index, impl)
+    return _margin_loss(_circle_spec(gamma, margin), embeddings, weight, target, reduction, ignore_index, impl)
 
 
 def pair_circle_loss(embeddings: Tensor, labels: Tensor, *, gamma: float = 80.0, margin: float = 0.4,

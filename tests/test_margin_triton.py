@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import nckernels
-from nckernels.ops import margin as margin_ops
 from nckernels.reference import margin as margin_ref
 from oracle_margin import margin_oracle, pair_circle_oracle
 from test_margin import check, make_case, run_both
