@@ -24,15 +24,14 @@ set before it; it lands in ``extra_info["peak_rss_mib"]``.
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from _common import peak_extra_rss, peak_in_subprocess
 
 # (N, D, V): V = 32000 like a LLaMA-2 vocabulary; N and D small so that a round takes a few
 # seconds on 2 cores (the matmuls dominate: ~4 x 2 N D V flops a round; 2 to 4 s for most
@@ -82,55 +81,11 @@ def step(fn, x, w, y):
 
 # ------------------------------------------------------------------ peak memory (subprocess)
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def measure_peak(name, N, D, V):
-    """Peak extra resident memory (bytes) of one round of ``name``; runs in its own process."""
+    """Peak extra resident memory (MiB) of one round of ``name``; runs in its own process."""
     fn = _contenders()[name]
     x, w, y = make_inputs(N, D, V)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        resettable = True
-    except OSError:
-        resettable = False
-    if resettable:
-        step(fn, x, w, y)  # warm-up: lazy inits, thread pools, kernels
-    _trim()
-    base = _status_kib("VmRSS")
-    if resettable:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    out = step(fn, x, w, y)
-    peak = _status_kib("VmHWM")
-    del out
-    return {"peak_rss_mib": (peak - base) / 1024, "method": "VmHWM reset" if resettable else "VmHWM (no reset)"}
-
-
-def peak_in_subprocess(name, N, D, V):
-    # default glibc malloc in the child: freed blocks go back to the OS, so RSS tracks live memory
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--peak", name, str(N), str(D), str(V)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    if proc.returncode != 0:
-        return {"peak_rss_mib": float("nan"), "method": f"failed: {proc.stderr[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return peak_extra_rss(lambda: step(fn, x, w, y))
 
 
 # ------------------------------------------------------------------ pytest-benchmark
@@ -173,7 +128,7 @@ if pytest is not None:
             from nckernels import _ext
 
             benchmark.extra_info["cpu_isa"] = _ext.get().cpu_isa()
-        benchmark.extra_info.update(peak_in_subprocess(name, N, D, V))
+        benchmark.extra_info.update(peak_in_subprocess(__file__, name, N, D, V))
         benchmark.pedantic(step, args=(fn, x, w, y), rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 

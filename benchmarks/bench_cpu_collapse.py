@@ -45,14 +45,13 @@ with each narrower instruction set than the default, and prints medians and the 
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
-import subprocess
 import sys
 
 import torch
+
+from _common import peak_extra_rss, peak_in_subprocess
 
 # (N, D, C, label distribution); the id of a shape is "N{N}-D{D}-C{C}-{labels}", "smoke-..." for CI
 SHAPES = [(65536, 256, 8192, "zipf"), (512, 16, 64, "zipf")]
@@ -143,52 +142,11 @@ def make_inputs(N, D, C, dist, seed=0):
 
 # ------------------------------------------------------------------ peak memory (subprocess)
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def measure_peak(name, N, D, C, dist):
     """Peak extra resident memory (MiB) of one round of ``name``; runs in its own process."""
     fn = _contenders()[name]
     x, y = make_inputs(N, D, C, dist)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        resettable = True
-    except OSError:
-        resettable = False
-    if resettable:
-        fn(x, y, C)  # warm-up
-    _trim()
-    base = _status_kib("VmRSS")
-    if resettable:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    out = fn(x, y, C)
-    peak = _status_kib("VmHWM")
-    del out
-    return {"peak_rss_mib": (peak - base) / 1024, "method": "VmHWM reset" if resettable else "VmHWM (no reset)"}
-
-
-def peak_in_subprocess(name, shape):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    proc = subprocess.run([sys.executable, __file__, "--peak", name, *map(str, shape)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    if proc.returncode != 0:
-        return {"peak_rss_mib": float("nan"), "method": f"failed: {proc.stderr[-500:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return peak_extra_rss(lambda: fn(x, y, C))
 
 
 # ------------------------------------------------------------------ pytest-benchmark
@@ -231,7 +189,7 @@ if pytest is not None:
 
             benchmark.extra_info["cpu_isa"] = _ext.get().cpu_isa()
         if not benchmark.disabled:
-            benchmark.extra_info.update(peak_in_subprocess(name, shape))
+            benchmark.extra_info.update(peak_in_subprocess(__file__, name, *shape))
         rounds = ROUNDS[name] if shape != SMOKE else 5
         benchmark.pedantic(fn, args=(x, y, C), rounds=rounds, iterations=1, warmup_rounds=1)
 
