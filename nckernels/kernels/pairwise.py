@@ -81,8 +81,8 @@ def _pair_stats_kernel(M, NORM, RNORM, VAR, TI, TJ, CNT, SUM, M2, K, D, stride_m
     mask_j = offs_j < K
     rows_i = offs_i.to(tl.int64)
     rows_j = offs_j.to(tl.int64)
-    g = _logits_tile(M, M, M, rows_i, rows_j, mask_i, mask_j, D, stride_m, stride_m,
-                     False, BLOCK, BLOCK, BLOCK_K, EVEN_K, PRECISION)
+    g = _logits_tile(M, M, M, None, rows_i, rows_j, mask_i, mask_j, D, stride_m, stride_m,
+                     False, 0, BLOCK, BLOCK, BLOCK_K, EVEN_K, PRECISION)
     n_i = tl.load(NORM + offs_i, mask=mask_i, other=0.0)
     n_j = tl.load(NORM + offs_j, mask=mask_j, other=0.0)
     r_i = tl.load(RNORM + offs_i, mask=mask_i, other=0.0)
