@@ -158,10 +158,6 @@ except ImportError:  # the --peak / --table modes need no pytest
 
 if pytest is not None:
 
-    @pytest.fixture(scope="module")
-    def first_results():
-        return {}
-
     @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
     @pytest.mark.parametrize("name", NAMES)
     def test_class_stats(benchmark, name, shape, first_results):

@@ -720,10 +720,10 @@ def pair_circle_loss(embeddings: Tensor, labels: Tensor, *, gamma: float = 80.0,
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if _backend.choose("pair_circle_loss", impl, embeddings.device) == "triton":
-        from .ops.margin import pair_circle_forward
+        from .ops.margin import pair_circle_forward, pair_circle_has_both
 
         loss, lse_n, lse_p = pair_circle_forward(embeddings, labels.long(), float(gamma), float(margin))
-        both = (lse_n > -math.inf) & (lse_p > -math.inf)
+        both = pair_circle_has_both(lse_n, lse_p)
     else:
         with torch.autocast(embeddings.device.type, enabled=False):
             loss, both = pair_circle(embeddings, labels.long(), float(gamma), float(margin))

@@ -99,6 +99,17 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny ops: one intra-op thread (on a shared 2-core machine, two threads mostly spin)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.fixture
 def deterministic():
     """Run the test under ``torch.use_deterministic_algorithms(True)``, then restore."""
     prev = torch.are_deterministic_algorithms_enabled()

@@ -42,15 +42,7 @@ STABLEMAX_STEPS = 400
 SC_THRESHOLD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is fastest, and much faster than two on a loaded 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread is fastest
 
 
 def modular_addition_train_set(p: int, fraction: float, seed: int):

@@ -399,17 +399,6 @@ def _clusters(n_per_class, g, num_classes=10, dim=16):
     return torch.nn.functional.normalize(x), y, centres
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: one intra-op thread (on a shared 2-core machine, two threads mostly spin)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 @pytest.mark.parametrize("name", ["cosface", "arcface", "combined", "circle", "pair_circle"])
 def test_learning_on_hypersphere_clusters(name, monkeypatch, one_thread):
     monkeypatch.setenv("NCKERNELS_REFERENCE_CHUNK_MB", "0.005" if name != "pair_circle" else "0.05")  # 2 chunks

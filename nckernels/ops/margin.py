@@ -145,9 +145,14 @@ torch.library.register_autograd("nckernels::margin_ce_forward", _backward, setup
 # Triton kernels, which keep the B x B similarities in registers.
 
 
+def pair_circle_has_both(lse_n: Tensor, lse_p: Tensor) -> Tensor:
+    """The anchors with a positive and a negative (both log-sum-exps finite-or-above ``-inf``)."""
+    return (lse_n > float("-inf")) & (lse_p > float("-inf"))
+
+
 def _pair_circle_terms(lse_n: Tensor, lse_p: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x, has_both)``: ``x = lse_n + lse_p`` and the anchors with a positive and a negative."""
-    has_both = (lse_n > float("-inf")) & (lse_p > float("-inf"))
+    """``(x, has_both)``: ``x = lse_n + lse_p`` (0 elsewhere) and :func:`pair_circle_has_both`."""
+    has_both = pair_circle_has_both(lse_n, lse_p)
     return torch.where(has_both, lse_n + lse_p, 0.0), has_both
 
 
