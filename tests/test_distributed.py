@@ -12,9 +12,11 @@ or as not run when the run stopped before it.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 import nckernels
-from nckernels.distributed import PartialFC, sharded_logsumexp, vocab_parallel_cross_entropy
+from nckernels.distributed import PartialFC, comm, sharded_logsumexp, vocab_parallel_cross_entropy
 from oracle import linear_cross_entropy_oracle
 from oracle_margin import margin_oracle
 
@@ -77,6 +79,19 @@ def leaf(t, dtype=None):
 
 def even_shards(total: int, size: int) -> list[tuple[int, int]]:
     return [(r * total // size, (r + 1) * total // size) for r in range(size)]
+
+
+@contextmanager
+def reduce_scatter(enabled: bool):
+    """Gradients of gathered rows through the reduce-scatter (the NCCL path; gloo's reduce-scatter gives the
+    same values, through an all-reduce) or the all-reduce + slice that gloo gets by default."""
+    assert not comm.has_reduce_scatter(None, "cpu")
+    saved = comm.REDUCE_SCATTER_BACKENDS
+    comm.REDUCE_SCATTER_BACKENDS = frozenset({"gloo"}) if enabled else saved
+    try:
+        yield
+    finally:
+        comm.REDUCE_SCATTER_BACKENDS = saved
 
 
 # ----------------------------------------------------------------------------- vocab-parallel cross-entropy
@@ -238,7 +253,8 @@ def local_rows(grp: Group) -> slice:
 
 def run_fc(grp, e, w, y, margin, oracle_kw, classes=None, **kw):
     """PartialFC on this rank's rows and the oracle on the global batch over ``classes`` (default: all);
-    ``(loss, d local embeddings, d weight shard)`` each, the oracle's weight gradient zero outside ``classes``."""
+    ``(loss, d local embeddings, d weight shard)`` each, the oracle's weight gradient zero outside ``classes``.
+    The rows labelled ``kw["ignore_index"]`` (default -100) are ignored by the oracle."""
     fc = PartialFC(D, C, margin_loss=margin, group=grp.group, **kw)
     fc.load_state_dict(w)  # the full weight
     rows = local_rows(grp)
@@ -247,8 +263,10 @@ def run_fc(grp, e, w, y, margin, oracle_kw, classes=None, **kw):
     loss.backward()
     classes = torch.arange(C) if classes is None else classes(fc)
     remap = torch.full((C,), -1).index_put_((classes,), torch.arange(len(classes)))
+    valid = y != kw.get("ignore_index", -100)
     eo, wo = leaf(e, torch.float64), leaf(w, torch.float64)
-    ref = margin_oracle(eo, wo[classes], remap[y], **oracle_kw)
+    ref = margin_oracle(eo, wo[classes], torch.where(valid, remap[y.where(valid, 0)], -1), ignore_index=-1,
+                        **oracle_kw)
     ref.backward()
     return fc, (loss, e_local.grad, fc.weight.grad), (ref, eo.grad[rows], wo.grad[fc.shard_start:fc.shard_end])
 
@@ -328,6 +346,157 @@ def partial_fc_ddp_gradient_scaling(rank, pair):
 
 
 @check
+def reduce_scatter_rows_sums_and_scatters(rank, pair):
+    """comm.reduce_scatter_rows: this rank's rows of the sum over the ranks, unequal row counts (one rank
+    with none; and so skewed that K max(sizes) > 2 B picks the all-reduce), with and without reduce-scatter."""
+    for grp in groups(rank, pair):
+        for sizes in ([3, 0, 5], [0, 0, 6]) if grp.size == 3 else ([4, 1], [0, 5]):
+            mine = slice(sum(sizes[:grp.rank]), sum(sizes[:grp.rank + 1]))
+            per_rank = [torch.randn(sum(sizes), 3, generator=torch.Generator().manual_seed(90 + r),
+                                    dtype=torch.float64) for r in range(grp.size)]
+            for enabled in (True, False):
+                with reduce_scatter(enabled):
+                    out = comm.reduce_scatter_rows(per_rank[grp.rank], sizes, grp.group)
+                assert_close(out, sum(per_rank)[mine], f"{grp.size} ranks, {sizes}, reduce-scatter {enabled}",
+                             tol=1e-15)
+
+
+def ignore_rows(y, rows_to_ignore, ignore_index=-100):
+    y = y.clone()
+    y[rows_to_ignore] = ignore_index
+    return y
+
+
+@check
+def partial_fc_ignore_index(rank, pair):
+    """Ignored rows on one rank only, on every rank, and all the rows of one rank (unequal local batches):
+    the mean over the non-ignored rows of the global batch and the gradients, ignored rows' exactly zero;
+    the full loss and a sampled one; the gradient through the reduce-scatter and the all-reduce fallback."""
+    e, w, y = fc_case(70, label_high=25)
+    margin, oracle_kw = MARGINS[0]
+    for grp in groups(rank, pair):
+        first = local_rows(grp).start  # this rank's first row in the global batch
+        second = local_rows(Group(None, grp.size, 1)).start
+        cases = {"rank 1 only": [second + 1, second + 3],
+                 "every rank": [1, 6, 12, 15], "all of rank 0": list(range(local_rows(Group(None, grp.size, 0)).stop))}
+        for what, ignored in cases.items():
+            yi = ignore_rows(y, ignored)
+            for rate, enabled in ((1.0, True), (1.0, False), (0.3, True)):
+                classes = None if rate == 1.0 else (lambda fc: gather_sampled(fc, grp))
+                with reduce_scatter(enabled):
+                    fc, ours, ref = run_fc(grp, e, w, yi, margin, oracle_kw, classes, sample_rate=rate, seed=4,
+                                           ddp=False)
+                label = f"{grp.size} ranks, ignored {what}, rate {rate}, reduce-scatter {enabled}"
+                for a, x, name in zip(ours, ref, ("loss", "d local_embeddings", "d weight")):
+                    assert_close(a, x, f"{label}: {name}", tol=1e-4)
+                local_ignored = [i - first for i in ignored if local_rows(grp).start <= i < local_rows(grp).stop]
+                assert bool((ours[1][local_ignored] == 0).all()), label
+
+
+@check
+def partial_fc_ignored_rows_are_not_positives(rank, pair):
+    """ignore_index may be a class id: its rows do not force that centre into the sample (with
+    ceil(rate C_r) = 1 the sample is exactly the positives of the non-ignored rows)."""
+    e, w, y = fc_case(71)
+    margin, oracle_kw = MARGINS[1]
+    for grp in groups(rank, pair):
+        ignored = int(y[3])  # a class that occurs in the batch
+        fc, ours, ref = run_fc(grp, e, w, y, margin, oracle_kw, lambda fc: gather_sampled(fc, grp), sample_rate=0.01,
+                               seed=5, ddp=False, ignore_index=ignored)
+        kept = y[y != ignored]
+        positives = kept[(kept >= fc.shard_start) & (kept < fc.shard_end)].unique()
+        if fc.shard_start <= ignored < fc.shard_end:
+            assert len(positives), "the test needs other positives on the rank of the ignored class"
+        if len(positives):
+            assert torch.equal(fc.sampled_classes, positives), (fc.sampled_classes, positives, ignored)
+        else:
+            assert len(fc.sampled_classes) == 1, fc.sampled_classes
+        for a, x, name in zip(ours, ref, ("loss", "d local_embeddings", "d weight")):
+            assert_close(a, x, f"{grp.size} ranks, ignore_index={ignored}: {name}", tol=1e-4)
+
+
+@check
+def partial_fc_all_rows_ignored(rank, pair):
+    """Every row of every rank ignored: loss 0.0 (not NaN) with a grad_fn, zero gradients, nothing sampled."""
+    e, w, y = fc_case(72)
+    for grp in groups(rank, pair):
+        rows = local_rows(grp)
+        for rate in (1.0, 0.2):
+            fc = PartialFC(D, C, group=grp.group, sample_rate=rate, seed=1)
+            fc.load_state_dict(w)
+            e_local = leaf(e[rows])
+            loss = fc(e_local, torch.full_like(y[rows], -100))
+            assert loss.grad_fn is not None and loss.dtype == torch.float32
+            assert torch.equal(loss.detach(), torch.tensor(0.0)), loss
+            loss.backward()
+            assert torch.equal(e_local.grad, torch.zeros_like(e_local)), e_local.grad
+            assert torch.equal(fc.weight.grad, torch.zeros_like(fc.weight)), fc.weight.grad
+            assert fc.sampled_classes.numel() == 0
+
+
+def fc_steps(grp, fc, batches):
+    """(loss, sampled_classes) of each forward of ``fc`` on this rank's rows of each ``(e, y)``."""
+    rows = local_rows(grp)
+    return [(fc(e[rows], y[rows]).detach(), fc.sampled_classes.clone()) for e, y in batches]
+
+
+def saved(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()))
+
+
+@check
+def partial_fc_checkpoint_resumes_sampling(rank, pair):
+    """With a seed: save after step 1, and a fresh module that loads the state samples at step 2 exactly
+    what the uninterrupted run does (same sampled_classes, same loss), from this rank's state or the list
+    of every rank's (same world size). Another world size, the full weight, or another seed restart the
+    stream from seed + rank."""
+    (e1, w, y1), (e2, _, y2) = fc_case(80), fc_case(81)
+    step1, step2 = [(e1, y1)], [(e2, y2)]
+
+    def make(grp, seed=9):
+        fc = PartialFC(D, C, margin_loss=MARGINS[1][0], group=grp.group, sample_rate=0.5, seed=seed, ddp=False)
+        fc.load_state_dict(w)
+        return fc
+
+    for grp in groups(rank, pair):
+        run = make(grp)
+        assert run.get_extra_state()["seed"] == 9 and run.get_extra_state()["sampling_rng"] is None
+        fc_steps(grp, run, step1)
+        state = saved(run.state_dict())
+        assert state["_extra_state"]["sampling_rng"]["device"] == "cpu"
+        (expected,) = fc_steps(grp, run, step2)
+        (restarted,) = fc_steps(grp, make(grp), step2)
+        assert not torch.equal(restarted[1], expected[1]), "the test needs a stream that moved at step 1"
+        resumed = make(grp)
+        resumed.load_state_dict(state)
+        assert saved(resumed.state_dict())["_extra_state"]["sampling_rng"]["state"].equal(
+            state["_extra_state"]["sampling_rng"]["state"])  # saving before the next forward keeps the stream
+        # step 2, then step 1's batch again as step 3: the stream goes on as the uninterrupted run's
+        for got, want in zip(fc_steps(grp, resumed, step2 + step1), [expected] + fc_steps(grp, run, step1)):
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (got, want)
+        for load in (w, dict(state, _extra_state=dict(state["_extra_state"], seed=10))):
+            other = make(grp)
+            other.load_state_dict(load)
+            (got,) = fc_steps(grp, other, step2)
+            assert torch.equal(got[1], restarted[1]) and torch.equal(got[0], restarted[0]), (got, restarted)
+        if grp.size != WORLD:
+            continue
+        states = [None] * WORLD
+        dist.all_gather_object(states, state)
+        same = make(grp)
+        same.load_state_dict(states)
+        (got,) = fc_steps(grp, same, step2)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0]), (got, expected)
+        if rank < 2:  # the run of 3 ranks resumed on 2: restarted from seed + rank, as a fresh run of 2
+            on_pair, fresh = make(Group(pair, 2, rank)), make(Group(pair, 2, rank))
+            on_pair.load_state_dict(states)
+            assert fc_steps(Group(pair, 2, rank), on_pair, step2)[0][1].equal(
+                fc_steps(Group(pair, 2, rank), fresh, step2)[0][1])
+
+
+@check
 def partial_fc_state_dict_reshards(rank, pair):
     """Save under 3 ranks, load the list of the 3 states under 2 ranks (and the full weight, and through a
     parent module); the metadata; a state of another sharding alone is refused."""
@@ -380,6 +549,13 @@ def partial_fc_bad_arguments(rank, pair):
             labels[0] = C  # out of range on one rank only: every rank raises after the all-gather
         with pytest.raises(ValueError, match="local_labels"):
             fc(e[rows], labels)
+        if grp.rank == 1:
+            labels[0] = -1  # negative but not ignore_index
+        with pytest.raises(ValueError, match="local_labels"):
+            fc(e[rows], labels)
+        for bad in (True, 1.0, None):
+            with pytest.raises(TypeError, match="ignore_index"):
+                PartialFC(D, C, ignore_index=bad, group=grp.group)
         with pytest.raises(ValueError, match="local_embeddings"):
             fc(torch.randn(4, D + 1), y[:4])
         with pytest.raises(TypeError, match="local_labels"):
@@ -388,34 +564,43 @@ def partial_fc_bad_arguments(rank, pair):
 
 @check
 def communication_is_independent_of_the_number_of_classes(rank, pair):
-    """Elements sent through collectives per training step: the same for 30 and 300 classes, and within
-    a small multiple of B * D per rank (all-gathers, per-row all-reduces, the gathered gradient)."""
-    sent = []
+    """Elements sent through collectives per training step (unequal local batches 4, 5, 6): the same for 30
+    and 300 classes, and within a small multiple of B * D per rank (all-gathers, per-row all-reduces, the
+    gathered gradient: one reduce-scatter of K max_r B_r rows (NCCL), or an all-reduce of its B rows (gloo))."""
+    sent = []  # (collective, elements this rank sends into it)
 
-    def counting(collective):
+    def counting(name, collective, arg):
         def wrapper(*args, **kwargs):
-            sent.append(sum(t.numel() for t in args[:2] if isinstance(t, torch.Tensor)))
+            sent.append((name, args[arg].numel()))
             return collective(*args, **kwargs)
         return wrapper
 
-    originals = dist.all_reduce, dist.all_gather
-    dist.all_reduce, dist.all_gather = counting(dist.all_reduce), counting(dist.all_gather)
+    rs = comm._REDUCE_SCATTER
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", rs)}
+    for name, arg in (("all_reduce", 0), ("all_gather", 1), (rs, 1)):  # all_gather(outputs, input), rs(out, in)
+        setattr(dist, name, counting(name, originals[name], arg))
+    n, longest, B = 4 + rank, 6, 15
     try:
-        volume = {}
-        for classes in (30, 300):
-            g = torch.Generator().manual_seed(60)
-            e, y = torch.randn(6, D, generator=g), torch.randint(0, classes, (6,), generator=g)
-            sent.clear()
-            fc = PartialFC(D, classes, sample_rate=0.5, seed=1)
-            fc(leaf(e), y).backward()
-            x, t = torch.randn(6, D, generator=g), torch.randint(0, classes, (6,), generator=g)
-            lo, hi = even_shards(classes, WORLD)[rank]
-            vocab_parallel_cross_entropy(leaf(x), leaf(torch.randn(hi - lo, D)), t, vocab_start=lo).backward()
-            volume[classes] = sum(sent)
+        for enabled in (True, False):
+            volume = {}
+            for classes in (30, 300):
+                g = torch.Generator().manual_seed(60 + rank)
+                e, y = torch.randn(n, D, generator=g), torch.randint(0, classes, (n,), generator=g)
+                sent.clear()
+                with reduce_scatter(enabled):
+                    PartialFC(D, classes, sample_rate=0.5, seed=1)(leaf(e), y).backward()
+                scattered = [k for name, k in sent if name == rs]
+                assert scattered == ([WORLD * longest * D] if enabled else []), (enabled, sent)
+                assert enabled or (B * D) in [k for name, k in sent if name == "all_reduce"], sent
+                x, t = torch.randn(6, D, generator=g), torch.randint(0, classes, (6,), generator=g)
+                lo, hi = even_shards(classes, WORLD)[rank]
+                vocab_parallel_cross_entropy(leaf(x), leaf(torch.randn(hi - lo, D)), t, vocab_start=lo).backward()
+                volume[classes] = sum(k for _, k in sent)
+            assert volume[30] == volume[300], (enabled, volume)
+            assert volume[30] <= 8 * WORLD * longest * (D + 1), (enabled, volume)
     finally:
-        dist.all_reduce, dist.all_gather = originals
-    assert volume[30] == volume[300], volume
-    assert volume[30] <= 8 * WORLD * 6 * (D + 1), volume
+        for name, collective in originals.items():
+            setattr(dist, name, collective)
 
 
 # ----------------------------------------------------------------------------- the launch
@@ -472,3 +657,25 @@ def test_single_process_is_the_single_device_loss():
     fc = PartialFC(D, C, margin_loss=("cosface", {"scale": 16.0}), sample_rate=1.0)
     fc.load_state_dict(w)
     torch.testing.assert_close(fc(e, y), nckernels.cosface_loss(e, w, y, scale=16.0))
+
+
+def test_single_process_checkpoint_resumes_sampling():
+    """World size 1 without a process group: a state saved after step 1 resumes the sampling stream."""
+    e, w, y = fc_case(73)
+
+    def make():
+        fc = PartialFC(D, C, sample_rate=0.3, seed=2)
+        fc.load_state_dict(w)
+        return fc
+
+    run = make()
+    run(e[:4], y[:4])
+    state = saved(run.state_dict())
+    expected = run(e, y), run.sampled_classes
+    resumed = make()
+    resumed.load_state_dict(state)
+    got = resumed(e, y), resumed.sampled_classes
+    restarted = make()
+    restarted(e, y)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0]), (got, expected)
+    assert not torch.equal(restarted.sampled_classes, expected[1]), "the test needs a stream that moved at step 1"

@@ -45,8 +45,8 @@ class PartialFC(nn.Module):
     Rank ``r`` of ``K`` holds the fp32 centres of the classes ``[r C // K, (r + 1) C // K)`` (``weight``;
     ``num_classes >= K``). ``forward(local_embeddings, local_labels)``:
 
-    1. all-gathers the embeddings and labels of every rank (local batch sizes may differ): the global
-       batch of ``B`` rows;
+    1. drops the rows labelled ``ignore_index`` and all-gathers the embeddings and labels of the others
+       from every rank (local batch sizes may differ): the global batch of ``B`` active rows;
     2. samples on each rank the centres of every class of the global batch in its range (the positives,
        always kept) plus uniformly random others: ``max(#positives, ceil(sample_rate * C_r))`` centres
        (all of them, and no sampling, at ``sample_rate = 1``, which is then exactly the full loss);
@@ -54,11 +54,15 @@ class PartialFC(nn.Module):
        sample (``nckernels.ops.margin.shard_forward``: ``lse^o``, the log-sum-exp of the non-target
        logits, and the target logit ``z_t``), and the sharded log-sum-exp combines them,
        ``loss_i = softplus(logsumexp_r lse^o_(r)i - sum_r z_t(r)i)``;
-    4. returns the mean over the ``B`` rows, identical on every rank.
+    4. returns the mean over the ``B`` rows, identical on every rank; ``0.0`` (zero gradients, nothing
+       sampled) when every row of every rank is ignored.
+
+    Ignored rows are never positives, cost no communication or kernel work and get a zero gradient.
 
     Communication per step and rank: the all-gathers of the embeddings and labels (``O(B D)``), the
-    all-reduces of two per-row scalars (``O(B)``) and, backward, one all-reduce of the gathered
-    embeddings' gradient (``O(B D)``); never anything of size ``C``.
+    all-reduces of two per-row scalars (``O(B)``) and, backward, one reduce-scatter (NCCL) or all-reduce
+    (gloo, other backends) of the gathered embeddings' gradient (``O(B D)``, see
+    ``comm.reduce_scatter_rows``); never anything of size ``C``.
 
     Gradients. ``weight`` gets the plain gradient of the returned loss (its shard is owned by this rank
     and must not be averaged: keep this module out of ``DistributedDataParallel``, which would also
@@ -78,7 +82,12 @@ class PartialFC(nn.Module):
     ``embedding_size``, ``shard_start``, ``shard_end``, ``world_size``). ``load_state_dict`` accepts a
     state of the same sharding, the full ``(C, D)`` weight (see :meth:`full_weight`), or the list of
     the state dicts of every rank of a run of any world size, re-sharded to this rank's classes
-    (resuming on a different number of ranks).
+    (resuming on a different number of ranks). With a ``seed``, the state also holds the seed and this
+    rank's sampling generator: loading a state of the same sharding and seed (alone, or in the list of
+    a run of the same world size) resumes its stream, so that the next forward samples what the
+    uninterrupted run would have. The per-rank streams cannot be mapped onto another sharding: loading
+    the full weight, or the list of a run of another world size, restarts the stream from
+    ``seed + rank``, as does a state saved with another seed.
 
     Args:
         embedding_size: ``D``. num_classes: ``C``.
@@ -88,12 +97,13 @@ class PartialFC(nn.Module):
         group: the process group (default: the default group; without ``torch.distributed``: one rank).
         ddp: whether the backbone is averaged over the ranks by DDP (see Gradients).
         seed: seeds this rank's sampling generator (``seed + rank``); ``None`` uses torch's global RNG.
+        ignore_index: the label of the rows to ignore (excluded from the loss, its mean and the positives).
         impl: backend of the margin ops (see ``nckernels.backend``).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, sample_rate: float = 0.1,
                  margin_loss: Union[str, tuple[str, Mapping]] = "arcface", group=None, ddp: bool = True,
-                 seed: Optional[int] = None, impl: str = "auto"):
+                 seed: Optional[int] = None, ignore_index: int = -100, impl: str = "auto"):
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -103,16 +113,19 @@ class PartialFC(nn.Module):
             raise TypeError(f"ddp must be a bool, got {ddp!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
         self.margin = margin_spec(margin_loss)
         self.rank, self.world_size = rank_and_size(group)
         if num_classes < self.world_size:
             raise ValueError(f"num_classes ({num_classes}) must be at least the group size ({self.world_size})")
         self.embedding_size, self.num_classes, self.sample_rate = embedding_size, num_classes, float(sample_rate)
-        self.group, self.ddp, self.seed, self.impl = group, ddp, seed, impl
+        self.group, self.ddp, self.seed, self.ignore_index, self.impl = group, ddp, seed, ignore_index, impl
         self.shard_start, self.shard_end = self.shard_range(self.rank)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.shard_end - self.shard_start, embedding_size)))
         self.sampled_classes: Optional[Tensor] = None
         self._generator: Optional[torch.Generator] = None
+        self._loaded_rng: Optional[dict] = None  # a loaded generator state, set at the next sampling
 
     def shard_range(self, rank: int) -> tuple[int, int]:
         """The classes ``[start, end)`` of ``rank``."""
@@ -121,19 +134,28 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes=[{self.shard_start}, {self.shard_end}) of rank {self.rank}/{self.world_size}, "
-                f"sample_rate={self.sample_rate}, margin={self.margin.op}, ddp={self.ddp}")
+                f"sample_rate={self.sample_rate}, margin={self.margin.op}, ddp={self.ddp}, "
+                f"ignore_index={self.ignore_index}")
 
     # ------------------------------------------------------------------------- forward
 
     def forward(self, local_embeddings: Tensor, local_labels: Tensor) -> Tensor:
-        """The margin loss of the global batch (mean over the rows of every rank), identical on every rank."""
+        """The margin loss of the global batch (mean over the non-ignored rows of every rank), identical on
+        every rank."""
         self._check_inputs(local_embeddings, local_labels)
+        active = local_labels != self.ignore_index
+        if not bool(active.all()):  # indexed inside autograd: the ignored rows get a zero gradient
+            local_embeddings, local_labels = local_embeddings[active], local_labels[active]
         sizes = all_gather_sizes(local_embeddings.shape[0], self.group, local_embeddings.device)
-        embeddings = gather_rows(local_embeddings, sizes, self.group, float(self.world_size) if self.ddp else 1.0)
+        if sum(sizes) == 0:  # every row of every rank ignored: 0 (not 0 / 0), zero gradients, nothing sampled
+            self.sampled_classes = local_labels.new_zeros(0, dtype=torch.int64)
+            return local_embeddings.float().sum() + self.weight[:0].sum()
         labels = all_gather_rows(local_labels.long(), sizes, self.group)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bool(bad.any()):  # the gathered labels: every rank raises
-            raise ValueError(f"local_labels contain class {int(labels[bad][0])} outside [0, {self.num_classes})")
+            raise ValueError(f"local_labels contain class {int(labels[bad][0])} outside [0, {self.num_classes}) "
+                             f"(and not ignore_index={self.ignore_index})")
+        embeddings = gather_rows(local_embeddings, sizes, self.group, float(self.world_size) if self.ddp else 1.0)
         sample, target = self._sample(labels)
         centres = self.weight if sample is None else self.weight[sample]  # indexed inside autograd
         backend = _backend.choose(self.margin.op, self.impl, local_embeddings.device)
@@ -178,7 +200,11 @@ class PartialFC(nn.Module):
         if self.seed is None:
             return None
         if self._generator is None or self._generator.device != torch.device(device):
-            self._generator = torch.Generator(device).manual_seed(self.seed + self.rank)
+            self._generator, loaded, self._loaded_rng = torch.Generator(device), self._loaded_rng, None
+            if loaded is not None and torch.device(loaded["device"]).type == self._generator.device.type:
+                self._generator.set_state(loaded["state"].cpu())
+            else:
+                self._generator.manual_seed(self.seed + self.rank)
         return self._generator
 
     # ------------------------------------------------------------------------- checkpoints
@@ -189,12 +215,31 @@ class PartialFC(nn.Module):
         sizes = [end - start for start, end in map(self.shard_range, range(self.world_size))]
         return all_gather_rows(self.weight.detach(), sizes, self.group)
 
-    def get_extra_state(self) -> dict:
+    def _sharding(self) -> dict:
+        """The sharding metadata of this rank's state dict."""
         return {"num_classes": self.num_classes, "embedding_size": self.embedding_size,
                 "shard_start": self.shard_start, "shard_end": self.shard_end, "world_size": self.world_size}
 
+    def _is_own(self, meta: Mapping) -> bool:
+        """Whether ``meta`` describes this rank's shard of a run of the same world size."""
+        return all(meta.get(k) == v for k, v in self._sharding().items())
+
+    def get_extra_state(self) -> dict:
+        """The sharding metadata; with a ``seed``, also the seed and this rank's sampling generator
+        (``{"device", "state"}``; ``None`` before the first sampling of the stream from ``seed + rank``)."""
+        state = self._sharding()
+        if self.seed is not None:
+            rng = self._loaded_rng
+            if self._generator is not None:
+                rng = {"device": str(self._generator.device), "state": self._generator.get_state()}
+            state.update(seed=self.seed, sampling_rng=rng)
+        return state
+
     def set_extra_state(self, state) -> None:
-        """Nothing to restore: the metadata describes the sharding, checked before the weight is loaded."""
+        """Resumes the sampling stream of a state of this sharding and seed (the metadata was checked before
+        the weight was loaded); otherwise the next sampling restarts the stream from ``seed + rank``."""
+        same = self._is_own(state) and state.get("seed") == self.seed
+        self._generator, self._loaded_rng = None, state.get("sampling_rng") if same else None
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that also takes the full ``(C, D)`` weight, or the list of the state
@@ -207,9 +252,10 @@ class PartialFC(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         weight, meta = state_dict.get(prefix + "weight"), state_dict.get(prefix + "_extra_state")
-        if isinstance(weight, Tensor) and tuple(weight.shape) == (self.num_classes, self.embedding_size):
+        own = isinstance(meta, Mapping) and self._is_own(meta)  # on one rank, its own state is the full weight
+        if isinstance(weight, Tensor) and tuple(weight.shape) == (self.num_classes, self.embedding_size) and not own:
             state_dict[prefix + "weight"] = weight[self.shard_start:self.shard_end]  # the full weight
-            state_dict[prefix + "_extra_state"] = self.get_extra_state()
+            state_dict[prefix + "_extra_state"] = self._sharding()
         elif meta is not None:
             self._check_compatible(meta, "state_dict")
             if (meta["shard_start"], meta["shard_end"]) != (self.shard_start, self.shard_end):
@@ -229,16 +275,18 @@ class PartialFC(nn.Module):
 
     def _reshard(self, states: Sequence[Mapping]) -> dict:
         """This rank's state, assembled from the state dicts of all the ranks of a run of any world size."""
-        shards = []
+        shards, extra = [], self._sharding()
         for i, state in enumerate(states):
             if not isinstance(state, Mapping) or "weight" not in state:
                 raise ValueError(f"state_dict[{i}] is not a PartialFC state_dict (no weight)")
             meta = state.get("_extra_state")
             self._check_compatible(meta, f"state_dict[{i}]")
             shards.append((meta["shard_start"], meta["shard_end"], state["weight"]))
+            if self._is_own(meta):  # this rank's state (same world size): its sampling stream carries over
+                extra = meta
         if tiled_size([(lo, hi) for lo, hi, _ in shards], "the shards of the state_dict list") != self.num_classes:
             raise ValueError(f"the shards of the state_dict list do not cover num_classes={self.num_classes}")
         start, end = self.shard_start, self.shard_end
         weight = torch.cat([w[max(lo, start) - lo:min(hi, end) - lo] for lo, hi, w in sorted(shards, key=lambda s: s[0])
                             if lo < end and start < hi])
-        return {"weight": weight, "_extra_state": self.get_extra_state()}
+        return {"weight": weight, "_extra_state": extra}
