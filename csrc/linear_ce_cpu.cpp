@@ -1,8 +1,8 @@
 // CPU epilogues of the linear cross-entropy, bound as nckernels._C (or nckernels_C when
 // JIT-built by nckernels/_ext.py).
 //
-//   ce_rows_forward(z, target, class_weight, label_smoothing, softcap) -> (lse, z_target, z_smooth)
-//   ce_rows_backward_(z, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap) -> z
+//   ce_rows_forward(z, target, class_weight, label_smoothing, softcap) -> (lse, lse_lo, z_target, z_smooth)
+//   ce_rows_backward_(z, target, class_weight, lse, lse_lo, coef_p, coef_target, coef_uniform, softcap) -> z
 //
 // Same semantics as rows_forward / rows_backward_ in nckernels/reference/linear_cross_entropy.py
 // (the spec): z is an (n, V) fp32 contiguous chunk of raw logits, z' = softcap tanh(z / softcap)
@@ -158,54 +158,59 @@ const float* check_rows(const char* fn, const at::Tensor& z, const at::Tensor& t
 
 bool run_parallel(int64_t n, int64_t V) { return n > 1 && n * V >= (int64_t{1} << 15); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_rows_forward(const at::Tensor& z, const at::Tensor& target,
-                                                               const std::optional<at::Tensor>& class_weight,
-                                                               double label_smoothing, double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_rows_forward(
+    const at::Tensor& z, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+    double label_smoothing, double softcap) {
   const char* fn = "ce_rows_forward";
   const float* omega = check_rows(fn, z, target, class_weight, softcap);
   TORCH_CHECK_VALUE(std::isfinite(label_smoothing) && label_smoothing >= 0, fn,
                     ": label_smoothing must be a finite number >= 0, got ", label_smoothing);
   const int64_t n = z.size(0), V = z.size(1);
   auto opts = z.options();
-  at::Tensor lse = at::empty({n}, opts), z_target = at::empty({n}, opts), z_smooth = at::empty({n}, opts);
+  at::Tensor lse = at::empty({n}, opts), lse_lo = at::empty({n}, opts);
+  at::Tensor z_target = at::empty({n}, opts), z_smooth = at::empty({n}, opts);
   const auto row = kernels().forward(softcap > 0, omega != nullptr, label_smoothing > 0);
   const float* zp = z.data_ptr<float>();
   const int64_t* tp = target.data_ptr<int64_t>();
   float* lp = lse.data_ptr<float>();
+  float* lop = lse_lo.data_ptr<float>();
   float* ztp = z_target.data_ptr<float>();
   float* zsp = z_smooth.data_ptr<float>();
   const float cap = static_cast<float>(softcap);
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (run_parallel(n, V))
   for (int64_t i = 0; i < n; ++i) {
-    float out[3];
+    float out[4];
     row(zp + i * V, V, tp[i], omega, cap, out);
     lp[i] = out[0];
-    ztp[i] = out[1];
-    zsp[i] = out[2];
+    lop[i] = out[1];
+    ztp[i] = out[2];
+    zsp[i] = out[3];
   }
-  return {lse, z_target, z_smooth};
+  return {lse, lse_lo, z_target, z_smooth};
 }
 
 at::Tensor ce_rows_backward_(at::Tensor z, const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
-                             const at::Tensor& lse, const at::Tensor& coef_p, const at::Tensor& coef_target,
+                             const at::Tensor& lse, const at::Tensor& lse_lo, const at::Tensor& coef_p,
+                             const at::Tensor& coef_target,
                              const at::Tensor& coef_uniform, double softcap) {
   const char* fn = "ce_rows_backward_";
   const float* omega = check_rows(fn, z, target, class_weight, softcap);
   const int64_t n = z.size(0), V = z.size(1);
   check_vector(fn, "lse", lse, n, at::kFloat);
+  check_vector(fn, "lse_lo", lse_lo, n, at::kFloat);
   check_vector(fn, "coef_p", coef_p, n, at::kFloat);
   check_vector(fn, "coef_target", coef_target, n, at::kFloat);
   check_vector(fn, "coef_uniform", coef_uniform, n, at::kFloat);
   const auto row = kernels().backward(softcap > 0, omega != nullptr);
   float* zp = z.data_ptr<float>();
   const int64_t* tp = target.data_ptr<int64_t>();
-  const float *lp = lse.data_ptr<float>(), *ap = coef_p.data_ptr<float>();
+  const float *lp = lse.data_ptr<float>(), *lop = lse_lo.data_ptr<float>(), *ap = coef_p.data_ptr<float>();
   const float *bp = coef_target.data_ptr<float>(), *cp = coef_uniform.data_ptr<float>();
   const float cap = static_cast<float>(softcap);
   const int threads = at::get_num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (run_parallel(n, V))
-  for (int64_t i = 0; i < n; ++i) row(zp + i * V, V, tp[i], omega, cap, lp[i], ap[i], bp[i], cp[i]);
+  for (int64_t i = 0; i < n; ++i) row(zp + i * V, V, tp[i], omega, cap, lp[i], lop[i], ap[i], bp[i], cp[i]);
   return z;
 }
 
@@ -226,11 +231,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "nckernels C++ CPU kernels (linear cross-entropy and StableMax row epilogues)";
   m.def("ce_rows_forward", &ce_rows_forward, py::arg("z"), py::arg("target"), py::arg("class_weight"),
         py::arg("label_smoothing"), py::arg("softcap"),
-        "Per-row (lse, z'_target, sum_j omega_j z'_j) of raw fp32 logits z (n, V); z is not modified.\n"
+        "Per-row (lse, lse_lo, z'_target, sum_j omega_j z'_j) of raw fp32 logits z (n, V); z is not modified.\n"
+        "lse + lse_lo is the log-sum-exp to about twice fp32's precision (lse_lo: its rounding residual).\n"
         "z_smooth is zeros unless label_smoothing > 0; softcap 0 means none.");
   m.def("ce_rows_backward_", &ce_rows_backward_, py::arg("z"), py::arg("target"), py::arg("class_weight"),
-        py::arg("lse"), py::arg("coef_p"), py::arg("coef_target"), py::arg("coef_uniform"), py::arg("softcap"),
-        "Overwrite raw fp32 logits z (n, V) with dL/dz = (a p - b onehot - c omega) * dz'/dz; returns z.");
+        py::arg("lse"), py::arg("lse_lo"), py::arg("coef_p"), py::arg("coef_target"), py::arg("coef_uniform"), py::arg("softcap"),
+        "Overwrite raw fp32 logits z (n, V) with dL/dz = (a p - b onehot - c omega) * dz'/dz, "
+        "p = exp((z' - lse) - lse_lo); returns z.");
   m.def("cpu_isa", &cpu_isa, "Name of the instruction set whose kernels run ('generic', 'avx2', 'avx512').");
   m.def("set_cpu_isa", &set_cpu_isa, py::arg("name"),
         "Choose the kernels' instruction set: 'auto' (the widest supported) or a name from supported_cpu_isas().");

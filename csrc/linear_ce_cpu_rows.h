@@ -109,7 +109,8 @@ static inline float block_sum_exp(const float* __restrict x, float shift, int64_
 }
 
 // One pass over a row of raw logits z[0..V): online (block-wise) max and sum of exp, the
-// target logit and sum_j omega_j z'_j. Writes lse, z'_target, z_smooth to out[0..3).
+// target logit and sum_j omega_j z'_j. Writes lse, lse_lo, z'_target, z_smooth to out[0..4):
+// lse = shift + log(sum) is formed in double and split into fl(lse) and its rounding residual.
 template <bool SOFTCAP, bool WEIGHT, bool SMOOTH>
 static void forward_row(const float* __restrict z, int64_t V, int64_t target,
                         const float* __restrict omega, float cap, float* __restrict out) {
@@ -139,15 +140,19 @@ static void forward_row(const float* __restrict z, int64_t V, int64_t target,
     if (SMOOTH) smooth += block_sum<WEIGHT>(src, WEIGHT ? omega + b0 : nullptr, len);
     if (target >= b0 && target < b0 + len) z_target = src[target - b0];
   }
-  out[0] = static_cast<float>(static_cast<double>(shift) + __builtin_log(sum));
-  out[1] = z_target;
-  out[2] = static_cast<float>(smooth);
+  const double lse = static_cast<double>(shift) + __builtin_log(sum);
+  const float hi = static_cast<float>(lse);
+  const bool finite = __builtin_isfinite(hi);
+  out[0] = hi;
+  out[1] = finite ? static_cast<float>(lse - static_cast<double>(hi)) : 0.0f;
+  out[2] = z_target;
+  out[3] = static_cast<float>(smooth);
 }
 
-// In place: z[j] <- (a exp(z'_j - lse) - b [j = target] - c omega_j) * dz'_j/dz_j.
+// In place: z[j] <- (a exp((z'_j - lse) - lse_lo) - b [j = target] - c omega_j) * dz'_j/dz_j.
 template <bool SOFTCAP, bool WEIGHT>
 static void backward_row(float* __restrict z, int64_t V, int64_t target, const float* __restrict omega,
-                         float cap, float lse, float a, float b, float c) {
+                         float cap, float lse, float lse_lo, float a, float b, float c) {
   const float z_t = z[target];
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
@@ -157,7 +162,7 @@ static void backward_row(float* __restrict z, int64_t V, int64_t target, const f
       th = tanh_approx(x / cap);
       zp = cap * th;
     }
-    float g = a * exp_approx(zp - lse) - c * (WEIGHT ? omega[j] : 1.0f);
+    float g = a * exp_approx((zp - lse) - lse_lo) - c * (WEIGHT ? omega[j] : 1.0f);
     if (SOFTCAP) g *= 1.0f - th * th;
     z[j] = g;
   }
@@ -166,13 +171,13 @@ static void backward_row(float* __restrict z, int64_t V, int64_t target, const f
     th = tanh_approx(z_t / cap);
     zp = cap * th;
   }
-  float g = a * exp_approx(zp - lse) - b - c * (WEIGHT ? omega[target] : 1.0f);
+  float g = a * exp_approx((zp - lse) - lse_lo) - b - c * (WEIGHT ? omega[target] : 1.0f);
   if (SOFTCAP) g *= 1.0f - th * th;
   z[target] = g;
 }
 
 using ForwardRowFn = void (*)(const float*, int64_t, int64_t, const float*, float, float*);
-using BackwardRowFn = void (*)(float*, int64_t, int64_t, const float*, float, float, float, float, float);
+using BackwardRowFn = void (*)(float*, int64_t, int64_t, const float*, float, float, float, float, float, float);
 
 static ForwardRowFn forward_row_fn(bool softcap, bool weight, bool smooth) {
   if (softcap) {

@@ -99,7 +99,7 @@ def linear_cross_entropy(
 
         return linear_ce_loss_and_grad(x, w, b, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
                                        float(softcap or 0.0), reduction == "mean", backend)[0]
-    loss_tok, lse = linear_ce_forward(x, w, b, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
+    loss_tok, lse, _ = linear_ce_forward(x, w, b, tgt, cw, ignore_index, float(label_smoothing), float(z_loss),
                                       float(softcap or 0.0), float(grad_filter or 0.0), backend)
     loss = _reduce(loss_tok, tgt, cw, ignore_index, reduction, lead)
     if reduction == "none" and shift:

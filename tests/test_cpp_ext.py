@@ -58,13 +58,14 @@ def oracle_forward(z, target, class_weight, label_smoothing, softcap):
     return lse, z_target, z_smooth
 
 
-def oracle_backward(z, target, class_weight, lse, a, b, c, softcap):
+def oracle_backward(z, target, class_weight, lse, lse_lo, a, b, c, softcap):
     zp = z.double()
     if softcap > 0:
         th = torch.tanh(zp / softcap)
         zp = softcap * th
     omega = class_weight.double() if class_weight is not None else torch.ones(z.shape[1], dtype=torch.float64)
-    g = a.double()[:, None] * torch.exp(zp - lse.double()[:, None]) - c.double()[:, None] * omega
+    lse = lse.double() + lse_lo.double()
+    g = a.double()[:, None] * torch.exp(zp - lse[:, None]) - c.double()[:, None] * omega
     g[torch.arange(z.shape[0]), target] -= b.double()
     if softcap > 0:
         g = g * (1 - th * th)
@@ -106,23 +107,26 @@ def _inputs(n, V, seed, scale=3.0, weighted=False):
 def _check_rows(ext, z, target, w, eps, cap, a, b, c):
     """Forward and backward of the kernel against float64 on the same inputs."""
     z_before = z.clone()
-    lse, zt, zs = ext.ce_rows_forward(z, target, w, eps, cap)
+    lse, lse_lo, zt, zs = ext.ce_rows_forward(z, target, w, eps, cap)
     assert torch.equal(z, z_before), "ce_rows_forward modified z"
-    assert all(t.dtype == torch.float32 and t.shape == (z.shape[0],) for t in (lse, zt, zs))
+    assert all(t.dtype == torch.float32 and t.shape == (z.shape[0],) for t in (lse, lse_lo, zt, zs))
     r_lse, r_zt, r_zs = oracle_forward(z, target, w, eps, cap)
     _close(lse, r_lse, atol=2e-6 * max(1.0, cap))
+    # the pair resolves the LSE below ulp(lse): only the ~1e-7 relative error of the exp approximation is left
+    assert (lse_lo.abs() <= lse.abs() * 2**-24).all(), "lse_lo must be the rounding residual of lse"
+    _close(lse.double() + lse_lo.double(), r_lse, atol=5e-7 * max(1.0, cap), rtol=0.0)
     _close(zt, r_zt, atol=2e-6 * max(1.0, cap))
     zp = z.double() if cap == 0 else cap * torch.tanh(z.double() / cap)
     magnitude = zp.abs() @ w.double() if w is not None else zp.abs().sum(1)  # sum_j |omega_j z'_j|
     _close(zs, r_zs, atol=1e-5 + 2e-6 * magnitude)
 
-    dz = ext.ce_rows_backward_(z, target, w, lse, a, b, c, cap)
+    dz = ext.ce_rows_backward_(z, target, w, lse, lse_lo, a, b, c, cap)
     assert dz.data_ptr() == z.data_ptr(), "ce_rows_backward_ must work in place"
-    ref = oracle_backward(z_before, target, w, lse, a, b, c, cap)
+    ref = oracle_backward(z_before, target, w, lse, lse_lo, a, b, c, cap)
     wmax = float(w.abs().max()) if w is not None else 1.0
     scale = (a.abs() + b.abs() + c.abs() * wmax).double()[:, None]
     _close(dz, ref, atol=1e-5 * scale)
-    return lse, zt, zs, dz
+    return lse, lse_lo, zt, zs, dz
 
 
 # ---------------------------------------------------------------- kernel vs float64
@@ -175,17 +179,18 @@ def test_nonfinite_like_logsumexp(ext, isa):
     z[5, 2], z[5, 30] = float("inf"), float("nan")
     z[6, :] = float("inf")
     target = torch.full((7,), 1)
-    lse, zt, zs = ext.ce_rows_forward(z, target, None, 0.0, 0.0)
+    lse, lse_lo, zt, zs = ext.ce_rows_forward(z, target, None, 0.0, 0.0)
+    assert torch.equal(lse_lo[~lse.isfinite()], torch.zeros(int((~lse.isfinite()).sum())))
     expected = torch.logsumexp(z.double(), dim=1)
     _close(lse, expected, atol=1e-6)
     assert lse[0] == float("-inf") and lse[2] == float("inf") and lse[3] == float("inf")
     assert lse[4].isnan() and lse[5].isnan() and torch.isfinite(lse[1])
     # smoothing sums see the NaN / infinities too
-    _, _, zs = ext.ce_rows_forward(z, target, None, 0.1, 0.0)
+    *_, zs = ext.ce_rows_forward(z, target, None, 0.1, 0.0)
     _close(zs, z.double().sum(1), atol=1e-4)
     assert zs[4].isnan() and zs[0] == float("-inf")
     # soft-capping maps +-inf to +-cap; NaN stays NaN
-    lse_c, _, zs_c = ext.ce_rows_forward(z, target, None, 0.1, 4.0)
+    lse_c, _, _, zs_c = ext.ce_rows_forward(z, target, None, 0.1, 4.0)
     r_lse, _, r_zs = oracle_forward(z, target, None, 0.1, 4.0)
     _close(lse_c, r_lse, atol=1e-5)
     _close(zs_c, r_zs, atol=1e-4)
@@ -199,25 +204,45 @@ def test_nonfinite_backward(ext, isa):
     z[1, 4] = float("-inf")  # p = 0 there
     z[2, 7] = float("inf")   # with lse = inf: exp(inf - inf) = NaN, like the reference
     for cap in (0.0, 5.0):
-        lse, *_ = ext.ce_rows_forward(z, target, w, 0.0, cap)
+        lse, lse_lo, *_ = ext.ce_rows_forward(z, target, w, 0.0, cap)
         assert lse[0].isnan() and lse[1].isfinite() and (lse[2] == float("inf")) == (cap == 0)
         lse[0] = 3.0  # any finite value: the NaN must then stay in its own element
         zc = z.clone()
-        dz = ext.ce_rows_backward_(zc, target, w, lse, a, b, c, cap)
-        ref = oracle_backward(z, target, w, lse, a, b, c, cap)
+        dz = ext.ce_rows_backward_(zc, target, w, lse, lse_lo, a, b, c, cap)
+        ref = oracle_backward(z, target, w, lse, lse_lo, a, b, c, cap)
         _close(dz, ref, atol=1e-5 * float((a.abs() + b.abs() + c.abs() * 2).max()))
         assert dz[0, 3].isnan() and torch.isfinite(dz[0, torch.arange(V) != 3]).all()
         # reference epilogue (the spec) gives the same NaN pattern
         from nckernels.reference.linear_cross_entropy import rows_backward_
 
-        spec = rows_backward_(z.clone(), target, w, lse, a, b, c, cap)
+        spec = rows_backward_(z.clone(), target, w, lse, lse_lo, a, b, c, cap)
         assert torch.equal(spec.isnan(), dz.isnan())
+
+
+@pytest.mark.parametrize("top", [20.0, 1e3, 1e5])
+def test_confident_rows_resolved_below_ulp_of_lse(ext, isa, top):
+    """Rows with a large target logit and a loss near 0.03, far below ``ulp(lse)`` at 1e5: the loss
+    ``(lse - z_y) + lse_lo`` and the gradient ``p - onehot`` match float64 to a relative 2e-5
+    (``fl(lse) - z_y`` alone is off by up to ``ulp(lse) / 2``: 11% at 1e5)."""
+    V = 777
+    rows = torch.arange(5)
+    z = top - 10.0 + 0.5 * torch.randn(5, V, generator=_gen(int(top)))
+    target = torch.tensor([0, 5, 300, 776, 10])
+    z[rows, target] = top
+    lse, lse_lo, zt, _ = ext.ce_rows_forward(z, target, None, 0.0, 0.0)
+    want = torch.logsumexp(z.double(), 1) - z.double()[rows, target]
+    torch.testing.assert_close((lse - zt).double() + lse_lo.double(), want, rtol=2e-5, atol=0.0)
+    ones = torch.ones(5)
+    dz = ext.ce_rows_backward_(z.clone(), target, None, lse, lse_lo, ones, ones, torch.zeros(5), 0.0)
+    want_dz = torch.softmax(z.double(), 1)
+    want_dz[rows, target] -= 1.0
+    torch.testing.assert_close(dz.double(), want_dz, rtol=2e-5, atol=1e-12)
 
 
 def test_lse_nan_propagates_backward(ext):
     z, target, w, a, b, c = _inputs(2, 20, seed=5)
     lse = torch.tensor([float("nan"), 3.0])
-    dz = ext.ce_rows_backward_(z, target, None, lse, a, b, c, 0.0)
+    dz = ext.ce_rows_backward_(z, target, None, lse, torch.zeros(2), a, b, c, 0.0)
     assert dz[0].isnan().all() and torch.isfinite(dz[1]).all()
 
 
@@ -279,11 +304,12 @@ def _bad_calls():
         ("softcap negative", ValueError, fwd, (z, t, None, 0.0, -1.0)),
         ("softcap nan", ValueError, fwd, (z, t, None, 0.0, float("nan"))),
         ("smoothing nan", ValueError, fwd, (z, t, None, float("nan"), 0.0)),
-        ("lse shape", ValueError, bwd, (z, t, None, torch.ones(2), v, v, v, 0.0)),
-        ("coef dtype", TypeError, bwd, (z, t, None, v, v.double(), v, v, 0.0)),
-        ("coef non-contiguous", ValueError, bwd, (z, t, None, v, v, torch.ones(3, 2)[:, 0], v, 0.0)),
-        ("bwd target range", IndexError, bwd, (z, torch.tensor([0, 1, 99]), None, v, v, v, v, 0.0)),
-        ("bwd z dtype", TypeError, bwd, (z.half(), t, None, v, v, v, v, 0.0)),
+        ("lse shape", ValueError, bwd, (z, t, None, torch.ones(2), v, v, v, v, 0.0)),
+        ("lse_lo shape", ValueError, bwd, (z, t, None, v, torch.ones(4), v, v, v, 0.0)),
+        ("coef dtype", TypeError, bwd, (z, t, None, v, v, v.double(), v, v, 0.0)),
+        ("coef non-contiguous", ValueError, bwd, (z, t, None, v, v, v, torch.ones(3, 2)[:, 0], v, 0.0)),
+        ("bwd target range", IndexError, bwd, (z, torch.tensor([0, 1, 99]), None, v, v, v, v, v, 0.0)),
+        ("bwd z dtype", TypeError, bwd, (z.half(), t, None, v, v, v, v, v, 0.0)),
     ]
 
 
@@ -405,7 +431,7 @@ _JIT = textwrap.dedent(
     assert mod.__name__ == "nckernels_C", mod.__name__
     z = torch.randn(4, 300)
     t = torch.randint(0, 300, (4,))
-    lse, zt, zs = mod.ce_rows_forward(z, t, None, 0.1, 0.0)
+    lse, lse_lo, zt, zs = mod.ce_rows_forward(z, t, None, 0.1, 0.0)
     assert torch.allclose(lse, torch.logsumexp(z, 1), atol=1e-5)
     print("JIT OK", mod.cpu_isa())
     """

@@ -126,7 +126,7 @@ def test_target_is_excluded_and_special_values(C):
     norm = torch.tensor([6.0, 9.0, 3.0, 1e8, 4.0])
     ones = torch.ones(5)
     g = C.stablemax_rows_backward_(z.clone(), t, norm, ones, ones)
-    ref = nckernels.reference.rowwise.stablemax_rows_backward_(z.clone(), t, None, norm, ones, ones)
+    ref = nckernels.reference.rowwise.stablemax_rows_backward_(z.clone(), t, None, norm, None, ones, ones)
     assert torch.equal(g.isnan(), ref.isnan())
     torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-12, equal_nan=True)
     assert torch.isfinite(g[0]).all() and g[0, 0] == pytest.approx((2.0 / 6.0 - 1.0) / 2.0)
@@ -145,7 +145,7 @@ def test_matches_reference_epilogues(C, n, V):
         torch.testing.assert_close(g, w, rtol=2e-6, atol=0)
     norm, a, b = want[0] + want[1], torch.rand(n, generator=gen), torch.rand(n, generator=gen)
     torch.testing.assert_close(C.stablemax_rows_backward_(z.clone(), t, norm, a, b),
-                               ref.stablemax_rows_backward_(z.clone(), t, None, norm, a, b), rtol=2e-6, atol=1e-9)
+                               ref.stablemax_rows_backward_(z.clone(), t, None, norm, None, a, b), rtol=2e-6, atol=1e-9)
 
 
 def test_empty_rows():

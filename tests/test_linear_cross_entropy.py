@@ -489,6 +489,32 @@ def test_extreme_logits(cfg):
     check_against_oracle(cfg, case, reduction="mean", z_loss=1e-4)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])  # the forward + backward ops; the fused CPU pass
+@pytest.mark.parametrize("top", [20.0, 1e3, 1e5])
+def test_confident_tokens_resolved_below_ulp_of_lse(backend, top, reduction):
+    """Target logit ``top``, the others ~``top - 7``: losses near 0.04, far below ``ulp(lse)`` at 1e5. The
+    loss ``(lse - z_y) + lse_lo`` and ``dL/dx = p - onehot`` (``linear_weight = I``) match float64 to 2e-5
+    relative; ``fl(lse) - z_y`` alone is off by up to ``ulp(lse) / 2`` (1e-3 relative at 1e3, 11% at 1e5)."""
+    N, V = 11, 40
+    g = torch.Generator().manual_seed(int(top))
+    x = top - 7.0 + 0.5 * torch.randn(N, V, generator=g)
+    target = torch.randint(0, V, (N,), generator=g)
+    x[torch.arange(N), target] = top
+    w = torch.eye(V)  # z = x exactly, in every backend's fp32 matmul
+    z = x.double()
+    want_loss = torch.logsumexp(z, 1) - z[torch.arange(N), target]
+    want_dx = torch.softmax(z, 1) - F.one_hot(target, V).double()
+    xin = x.to(backend.device).requires_grad_()
+    loss = nckernels.linear_cross_entropy(xin, w.to(backend.device), target.to(backend.device), reduction=reduction,
+                                          impl=backend.impl)
+    loss.sum().backward()
+    if reduction == "none":
+        torch.testing.assert_close(loss.double().cpu(), want_loss, rtol=2e-5, atol=0.0)
+    else:
+        torch.testing.assert_close(loss.double().cpu(), want_loss.sum(), rtol=2e-5, atol=0.0)
+    torch.testing.assert_close(xin.grad.double().cpu(), want_dx, rtol=2e-5, atol=1e-9)
+
+
 def test_noncontiguous_inputs(cfg):
     """Strided input rows and a transposed-storage linear_weight give the same as contiguous ones."""
     case = make_case(cfg, (12,), 37, 19, bias=True, ignore_frac=0.2, seed=16)

@@ -55,11 +55,12 @@ class _VocabShard:
     backend: str
 
     def shard_stats(self, x, w, bias):
-        """``lse^(r)`` and the summed ``(z'_target, sum_j omega_j z'_j, omega_target)`` of this shard."""
+        """``lse^(r)`` and the summed ``(z'_target, sum_j omega_j z'_j, omega_target)`` of this shard (the ranks
+        combine fp32 LSEs: the residual ``lse_lo`` of the single-device op is not carried across them)."""
         if self.rows.numel() == 0:
             empty = x.new_empty(0, dtype=torch.float32)
             return empty, (empty, empty, empty)
-        lse, z_target, z_smooth = _backend_forward(self.backend)(x, w, bias, self.rows, self.target,
+        lse, _, z_target, z_smooth = _backend_forward(self.backend)(x, w, bias, self.rows, self.target,
                                                                  self.class_weight, self.label_smoothing, self.softcap)
         omega = self.class_weight[self.target] if self.class_weight is not None else torch.ones_like(lse)
         return lse, (torch.where(self.owned, z_target, 0.0), z_smooth, torch.where(self.owned, omega, 0.0))
@@ -79,7 +80,8 @@ class _VocabShard:
                                     self.smooth_total, self.label_smoothing, self.z_loss, self.num_classes)
         b = torch.where(self.owned, b, 0.0)  # the one-hot term lives on the rank that owns the target
         return _backend_backward(self.backend, False)(x, w, bias, self.rows, self.target, self.class_weight, lse,
-                                                      a, b, c, self.softcap, grad_filter=self.grad_filter)
+                                                      torch.zeros_like(lse), a, b, c, self.softcap,
+                                                      grad_filter=self.grad_filter)
 
 
 def vocab_parallel_cross_entropy(

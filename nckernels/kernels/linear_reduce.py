@@ -145,8 +145,8 @@ def _argmax_kernel(X, W, B, PMAX, PARG, n_rows, V, D, stride_x, stride_w, tiles_
 
 
 @triton.jit
-def _grad_logits_tile(X, W, B, RNW, CW, rows, tgt, norm, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
-                      stride_x, stride_w, softcap, margin_s, margin_m,
+def _grad_logits_tile(X, W, B, RNW, CW, rows, tgt, norm, norm_lo, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v,
+                      D, stride_x, stride_w, softcap, margin_s, margin_m,
                       HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr,
                       STABLE: tl.constexpr, MARGIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                       BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -156,7 +156,7 @@ def _grad_logits_tile(X, W, B, RNW, CW, rows, tgt, norm, coef_p, coef_t, coef_u,
                      HAS_BIAS, MARGIN, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
     if MARGIN > 0:
         z, dz_dc = margin_logits(z, offs_v, tgt, margin_s, margin_m, MARGIN == 2)
-    dz = dlogits(z, offs_v, mask_m, mask_v, tgt, norm, tl.zeros_like(norm), coef_p, coef_t, coef_u, CW, softcap,
+    dz = dlogits(z, offs_v, mask_m, mask_v, tgt, norm, norm_lo, coef_p, coef_t, coef_u, CW, softcap,
                  HAS_CW, SOFTCAP, SMOOTH, STABLE)
     if MARGIN > 0:
         dz *= dz_dc
@@ -182,19 +182,20 @@ def _keep(dz, filter_eps, FILTER: tl.constexpr):
 
 
 @triton.jit
-def _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m):
+def _load_row_terms(ROWS, TGT, LSE, LSE_LO, CP, CT, CU, offs_m, mask_m):
     rows = tl.load(ROWS + offs_m, mask=mask_m, other=0)
     tgt = tl.load(TGT + offs_m, mask=mask_m, other=0)
     lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
+    lse_lo = tl.load(LSE_LO + offs_m, mask=mask_m, other=0.0)
     coef_p = tl.load(CP + offs_m, mask=mask_m, other=0.0)
     coef_t = tl.load(CT + offs_m, mask=mask_m, other=0.0)
     coef_u = tl.load(CU + offs_m, mask=mask_m, other=0.0)
-    return rows, tgt, lse, coef_p, coef_t, coef_u
+    return rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u
 
 
 @triton.jit
-def _backward_atomic_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW, DB, n_rows, v_lo, v_hi, D,
-                            stride_x, stride_w, softcap, margin_s, margin_m, filter_eps,
+def _backward_atomic_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, LSE_LO, CP, CT, CU, DX, DW, DB, n_rows, v_lo, v_hi,
+                            D, stride_x, stride_w, softcap, margin_s, margin_m, filter_eps,
                             HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
                             SMOOTH: tl.constexpr, STABLE: tl.constexpr, MARGIN: tl.constexpr, FILTER: tl.constexpr,
                             GROUP_M: tl.constexpr,
@@ -214,10 +215,12 @@ def _backward_atomic_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW
     mask_m = offs_m < n_rows
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < v_hi
-    rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
-    dz = _grad_logits_tile(X, W, B, RNW, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
-                           stride_x, stride_w, softcap, margin_s, margin_m, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
-                           STABLE, MARGIN, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+    rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u = _load_row_terms(
+        ROWS, TGT, LSE, LSE_LO, CP, CT, CU, offs_m, mask_m)
+    dz = _grad_logits_tile(
+        X, W, B, RNW, CW, rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D, stride_x,
+        stride_w, softcap, margin_s, margin_m, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH, STABLE, MARGIN, BLOCK_M,
+        BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
     if _keep(dz, filter_eps, FILTER):
         if HAS_BIAS:
             tl.atomic_add(DB + offs_v - v_lo, tl.sum(dz, axis=0), mask=mask_v)
@@ -243,22 +246,24 @@ def _backward_atomic_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DX, DW
 
 
 @triton.jit
-def _backward_dx_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows, V, D, stride_x, stride_w, softcap,
-                        margin_s, margin_m, filter_eps,
+def _backward_dx_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, LSE_LO, CP, CT, CU, DX, n_rows, V, D, stride_x, stride_w,
+                        softcap, margin_s, margin_m, filter_eps,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
                         SMOOTH: tl.constexpr, STABLE: tl.constexpr, MARGIN: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """Deterministic ``DX``: one program owns a row tile and sweeps the vocabulary in order."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < n_rows
-    rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
+    rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u = _load_row_terms(
+        ROWS, TGT, LSE, LSE_LO, CP, CT, CU, offs_m, mask_m)
     offs_k = tl.arange(0, BLOCK_K)
     for v in range(0, tl.cdiv(V, BLOCK_V)):
         offs_v = v * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        dz = _grad_logits_tile(X, W, B, RNW, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
-                               stride_x, stride_w, softcap, margin_s, margin_m, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
-                               STABLE, MARGIN, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        dz = _grad_logits_tile(
+            X, W, B, RNW, CW, rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D, stride_x,
+            stride_w, softcap, margin_s, margin_m, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH, STABLE, MARGIN, BLOCK_M,
+            BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         if _keep(dz, filter_eps, FILTER):
             dz_x = _dx_factor(dz, RNW, offs_v, mask_v, X.dtype.element_ty, MARGIN)
             w_ptrs = W + offs_v[:, None] * stride_w + offs_k[None, :]
@@ -274,7 +279,7 @@ def _backward_dx_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DX, n_rows
 
 
 @triton.jit
-def _backward_dw_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_rows, v_lo, v_hi, D, stride_x,
+def _backward_dw_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, LSE_LO, CP, CT, CU, DW, DB, n_rows, v_lo, v_hi, D, stride_x,
                         stride_w, softcap, margin_s, margin_m, filter_eps,
                         HAS_BIAS: tl.constexpr, HAS_CW: tl.constexpr, SOFTCAP: tl.constexpr,
                         SMOOTH: tl.constexpr, STABLE: tl.constexpr, MARGIN: tl.constexpr, FILTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -287,10 +292,12 @@ def _backward_dw_kernel(X, W, B, RNW, CW, ROWS, TGT, LSE, CP, CT, CU, DW, DB, n_
     for m in range(0, tl.cdiv(n_rows, BLOCK_M)):
         offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < n_rows
-        rows, tgt, lse, coef_p, coef_t, coef_u = _load_row_terms(ROWS, TGT, LSE, CP, CT, CU, offs_m, mask_m)
-        dz = _grad_logits_tile(X, W, B, RNW, CW, rows, tgt, lse, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D,
-                               stride_x, stride_w, softcap, margin_s, margin_m, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH,
-                               STABLE, MARGIN, BLOCK_M, BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
+        rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u = _load_row_terms(
+            ROWS, TGT, LSE, LSE_LO, CP, CT, CU, offs_m, mask_m)
+        dz = _grad_logits_tile(
+            X, W, B, RNW, CW, rows, tgt, lse, lse_lo, coef_p, coef_t, coef_u, offs_v, mask_m, mask_v, D, stride_x,
+            stride_w, softcap, margin_s, margin_m, HAS_BIAS, HAS_CW, SOFTCAP, SMOOTH, STABLE, MARGIN, BLOCK_M,
+            BLOCK_V, BLOCK_K, EVEN_K, PRECISION)
         if _keep(dz, filter_eps, FILTER):
             db += tl.sum(dz, axis=0)
             dz_t = tl.trans(dz.to(X.dtype.element_ty))
@@ -464,13 +471,15 @@ def _vocab_splits(x, n: int, V: int, cfg: dict):
     return n_m, triton.cdiv(n_v, tiles_per_split), tiles_per_split
 
 
-def _merge_lse(m, s):
-    """LSE of each row from per-split ``(max, sumexp)`` partials ``(splits, n)`` (``logit_math.lse_fold``)."""
-    return torch.logsumexp(torch.where(m.isinf(), 0.0, m) + torch.log(s), 0)
+def _merge_lse(m, s, dtype=torch.float32):
+    """LSE of each row from per-split ``(max, sumexp)`` partials ``(splits, n)`` (``logit_math.lse_fold``),
+    evaluated in ``dtype``."""
+    return torch.logsumexp(torch.where(m.isinf(), 0.0, m).to(dtype) + torch.log(s.to(dtype)), 0)
 
 
 def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, stable=False, margin=None):
-    """Row statistics of the hidden rows ``x[rows]`` (fp32): ``(lse, z'_target, sum_j omega_j z'_j)``,
+    """Row statistics of the hidden rows ``x[rows]`` (fp32): ``(lse, lse_lo, z'_target, sum_j omega_j z'_j)``
+    (the partial LSEs merged in float64, split into ``fl(lse)`` and its rounding residual ``lse_lo``),
     or with ``stable`` (StableMax) ``(s(z_target), sum_{j != target} s(z_j))``. With ``margin``
     (a :class:`Margin`) the LSE is over the transformed cosines of the non-target columns only."""
     x, w = _row_major(x), _row_major(w)
@@ -486,13 +495,15 @@ def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, st
     )
     if stable:
         return part[0].sum(0), part[1].sum(0)
-    return _merge_lse(part[0], part[1]), part[2].sum(0), part[3].sum(0)
+    lse = _merge_lse(part[0], part[1], torch.float64)
+    hi = lse.float()
+    return hi, torch.where(hi.isfinite(), (lse - hi).float(), 0.0), part[2].sum(0), part[3].sum(0)
 
 
-def backward(x, w, bias, rows, target, class_weight, norm, coef_p, coef_target, coef_uniform, softcap,
+def backward(x, w, bias, rows, target, class_weight, norm, norm_lo, coef_p, coef_target, coef_uniform, softcap,
              grad_filter=0.0, deterministic=False, stable=False, margin=None, fp32_grads=False):
-    """``(dx, dw, db)`` from ``dL/dz = (a p - b onehot - c omega) t'(z)`` over ``rows``; ``norm`` is the
-    LSE (softmax) or ``S`` (StableMax) of each row. With ``margin``: ``dx = dL/dx_hat`` and
+    """``(dx, dw, db)`` from ``dL/dz = (a p - b onehot - c omega) t'(z)`` over ``rows``; ``norm + norm_lo`` is
+    the LSE (softmax; ``p = exp((z - norm) - norm_lo)``) or ``norm`` is ``S`` (StableMax) of each row. With ``margin``: ``dx = dL/dx_hat`` and
     ``dw_j = sum_i dL/dc_ij x_hat_i = dL/dw_hat_j`` (w.r.t. the normalised centres), over the
     non-target columns. ``fp32_grads``: ``dx`` and ``dw`` in fp32 whatever the inputs' dtype."""
     x, w = _row_major(x), _row_major(w)
@@ -501,7 +512,7 @@ def backward(x, w, bias, rows, target, class_weight, norm, coef_p, coef_target, 
     flags = _common(x, w, bias, class_weight, softcap, bool((coef_uniform != 0).any()), stable, cfg, margin)
     scalars = (float(softcap),) + _margin_args(margin)[1:] + (float(grad_filter),)
     rnw = _margin_args(margin)[0]
-    terms = (rows, target, norm.contiguous(), coef_p.contiguous(), coef_target.contiguous(),
+    terms = (rows, target, norm.contiguous(), norm_lo.contiguous(), coef_p.contiguous(), coef_target.contiguous(),
              coef_uniform.contiguous())
     n_m = triton.cdiv(n, cfg["BLOCK_M"])
     dx_rows = torch.zeros((n, D), dtype=torch.float32, device=x.device)
@@ -588,8 +599,8 @@ def margin_others_backward(x_hat, w, tgt, lse, grad, kind: str, s: float, m: flo
     n = x_hat.shape[0]
     margin = _margin(w, kind, s, m)
     zeros = torch.zeros(n, dtype=torch.float32, device=x_hat.device)
-    dx_hat, dw, _ = backward(x_hat, w, None, torch.arange(n, device=x_hat.device), tgt, None, lse, grad, zeros,
-                             zeros, 0.0, deterministic=torch.are_deterministic_algorithms_enabled(), margin=margin,
+    dx_hat, dw, _ = backward(x_hat, w, None, torch.arange(n, device=x_hat.device), tgt, None, lse, zeros, grad,
+                             zeros, zeros, 0.0, deterministic=torch.are_deterministic_algorithms_enabled(), margin=margin,
                              fp32_grads=True)
     inv = margin.inv_norms
     rows_per_slab = max(1, 2**25 // (4 * w.shape[1]))  # 32 MiB fp32 temporaries

@@ -1,7 +1,9 @@
 """``nckernels::linear_ce_forward`` / ``linear_ce_backward``: the linear cross-entropy custom ops.
 
-The forward returns the per-token loss and log-sum-exp (fp32, zeros at ignored tokens); the
-backward recomputes logits tiles from the saved LSE. Both take flat ``x (M, D)`` and
+The forward returns the per-token loss and log-sum-exp, the latter as an fp32 pair ``(lse, lse_lo)``
+(``lse_lo``: the rounding residual of ``fl(lse)``; zeros at ignored tokens); the loss
+``(lse - z_y) + lse_lo`` and the backward's ``p = exp((z - lse) - lse_lo)`` stay exact on confident
+tokens whose loss is far below ``ulp(lse)``. The backward recomputes logits tiles from the saved pair. Both take flat ``x (M, D)`` and
 ``target (M,)``; reductions, shapes and argument checks live in ``functional.py``. The math
 and the per-token gradient coefficients are in ``reference/linear_cross_entropy.py``.
 """
@@ -55,7 +57,7 @@ def _backend_forward(backend: str, stable: bool = False):
 
 
 def _backend_backward(backend: str, stable: bool):
-    """``f(x, w, bias, rows, tgt, class_weight, norm, a, b, c, softcap, grad_filter)`` -> (dx, dw, db)."""
+    """``f(x, w, bias, rows, tgt, class_weight, norm, norm_lo, a, b, c, softcap, grad_filter)`` -> (dx, dw, db)."""
     if backend == "triton":
         from ..kernels import linear_reduce
 
@@ -64,7 +66,7 @@ def _backend_backward(backend: str, stable: bool):
     if stable:
         if backend == "cpp":
             C = _ext.get()
-            epilogue = lambda z, t, cw, norm, a, b, c, sc: C.stablemax_rows_backward_(z, t, norm, a, b)  # noqa: E731
+            epilogue = lambda z, t, cw, norm, lo, a, b, c, sc: C.stablemax_rows_backward_(z, t, norm, a, b)  # noqa: E731
         else:
             epilogue = rowwise_ref.stablemax_rows_backward_
     else:
@@ -77,35 +79,34 @@ def linear_ce_forward(
     x: Tensor, w: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, grad_filter: float,
     backend: str,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token ``(loss, lse, lse_lo)`` (fp32)."""
     M, V = target.shape[0], w.shape[0]
     rows, tgt = _valid_rows(target, ignore_index, V)
-    loss = torch.zeros(M, dtype=torch.float32, device=x.device)
-    lse = torch.zeros(M, dtype=torch.float32, device=x.device)
+    loss, lse, lse_lo = (torch.zeros(M, dtype=torch.float32, device=x.device) for _ in range(3))
     if rows.numel() == 0:
-        return loss, lse
-    lse_v, z_target, z_smooth = _backend_forward(backend)(
+        return loss, lse, lse_lo
+    hi, lo, z_target, z_smooth = _backend_forward(backend)(
         x, w, bias, rows, tgt, class_weight, label_smoothing, softcap
     )
     omega_t, smooth_total = _class_terms(class_weight, tgt, V)
-    loss[rows] = ref.token_loss(lse_v, z_target, z_smooth, omega_t, smooth_total, label_smoothing, z_loss, V)
-    lse[rows] = lse_v
-    return loss, lse
+    loss[rows] = ref.token_loss(hi, z_target, z_smooth, omega_t, smooth_total, label_smoothing, z_loss, V, lse_lo=lo)
+    lse[rows], lse_lo[rows] = hi, lo
+    return loss, lse, lse_lo
 
 
 @linear_ce_forward.register_fake
 def _(x, w, bias, target, class_weight, ignore_index, label_smoothing, z_loss, softcap, grad_filter, backend):
-    M = target.shape[0]
-    return x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+    return tuple(x.new_empty(target.shape[0], dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("nckernels::linear_ce_backward", mutates_args=())
 def linear_ce_backward(
     x: Tensor, w: Tensor, bias: Optional[Tensor], target: Tensor, class_weight: Optional[Tensor],
-    norm: Tensor, grad_loss: Tensor, grad_lse: Tensor, ignore_index: int, label_smoothing: float,
+    norm: Tensor, norm_lo: Tensor, grad_loss: Tensor, grad_lse: Tensor, ignore_index: int, label_smoothing: float,
     z_loss: float, softcap: float, grad_filter: float, stable: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the softmax (``norm``: LSE) or StableMax (``stable``, ``norm``: ``S``) loss."""
+    """Gradients of the softmax (``norm + norm_lo``: LSE) or StableMax (``stable``, ``norm``: ``S``) loss."""
     V = w.shape[0]
     rows, tgt = _valid_rows(target, ignore_index, V)
     db_empty = w.new_zeros(V if bias is not None else 0)
@@ -119,13 +120,13 @@ def linear_ce_backward(
     else:
         a, b, c = ref.grad_coefficients(g, grad_lse[rows].float(), norm_v, omega_t, smooth_total,
                                         label_smoothing, z_loss, V)
-    dx, dw, db = _backend_backward(backend, stable)(x, w, bias, rows, tgt, class_weight, norm_v, a, b, c, softcap,
-                                                    grad_filter=grad_filter)
+    dx, dw, db = _backend_backward(backend, stable)(x, w, bias, rows, tgt, class_weight, norm_v, norm_lo[rows], a, b,
+                                                    c, softcap, grad_filter=grad_filter)
     return dx, dw, (db if db is not None else db_empty)
 
 
 @linear_ce_backward.register_fake
-def _(x, w, bias, target, class_weight, norm, grad_loss, grad_lse, ignore_index, label_smoothing,
+def _(x, w, bias, target, class_weight, norm, norm_lo, grad_loss, grad_lse, ignore_index, label_smoothing,
       z_loss, softcap, grad_filter, stable, backend):
     return torch.empty_like(x), torch.empty_like(w), w.new_empty(w.shape[0] if bias is not None else 0)
 
@@ -134,15 +135,15 @@ def _setup_context(ctx, inputs, output):
     x, w, bias, target, class_weight, *options = inputs
     ctx.options = options
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, w, bias, target, class_weight, output[1])
+    ctx.save_for_backward(x, w, bias, target, class_weight, output[1], output[2])
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    x, w, bias, target, class_weight, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _):
+    x, w, bias, target, class_weight, lse, lse_lo = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, softcap, grad_filter, backend = ctx.options
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    dx, dw, db = linear_ce_backward(x, w, bias, target, class_weight, lse, grad_loss, grad_lse,
+    dx, dw, db = linear_ce_backward(x, w, bias, target, class_weight, lse, lse_lo, grad_loss, grad_lse,
                                     ignore_index, label_smoothing, z_loss, softcap, grad_filter, False, backend)
     return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None, None, None, None
 
@@ -181,7 +182,8 @@ def _stable_setup(ctx, inputs, output):
 def _stable_backward(ctx, grad_loss, grad_total):
     x, w, bias, target, class_weight, total = ctx.saved_tensors
     grad_loss = torch.zeros_like(total) if grad_loss is None else grad_loss
-    dx, dw, db = linear_ce_backward(x, w, bias, target, class_weight, total, grad_loss, torch.zeros_like(total),
+    zeros = torch.zeros_like(total)
+    dx, dw, db = linear_ce_backward(x, w, bias, target, class_weight, total, zeros, grad_loss, zeros,
                                     ctx.ignore_index, 0.0, 0.0, 0.0, 0.0, True, ctx.backend)
     return dx, dw, (db if ctx.has_bias else None), None, None, None, None
 
@@ -209,10 +211,11 @@ def linear_ce_loss_and_grad(
     if backend == "cpp":
         kwargs = dict(epilogue=_ext.get().ce_rows_forward, backward_epilogue=_ext.get().ce_rows_backward_)
     grad_loss = (1.0 / denom).expand(rows.numel()).float().contiguous()
-    (lse, z_target, z_smooth), (dx, dw, db) = ref.forward_backward(
+    (lse, lse_lo, z_target, z_smooth), (dx, dw, db) = ref.forward_backward(
         x, w, bias, rows, tgt, class_weight, label_smoothing, z_loss, softcap, grad_loss, omega_t, smooth_total,
         **kwargs)
-    loss = ref.token_loss(lse, z_target, z_smooth, omega_t, smooth_total, label_smoothing, z_loss, V).sum() / denom
+    loss = ref.token_loss(lse, z_target, z_smooth, omega_t, smooth_total, label_smoothing, z_loss, V,
+                          lse_lo=lse_lo).sum() / denom
     return loss, dx, dw, (db if db is not None else w.new_zeros(0))
 
 

@@ -24,7 +24,7 @@ def _triton():
 
     def softmax_stats(x, rows, tgt, cw, ls, softcap):
         m, l, zt, zs = k.row_stats(x, rows, tgt, cw, ls, softcap, stable=False)
-        return ref.split_lse(torch.where(m.isinf(), 0.0, m), torch.log(l)) + (zt, zs)
+        return lce_ref.split_lse(torch.where(m.isinf(), 0.0, m), torch.log(l)) + (zt, zs)
 
     def stablemax_stats(x, rows, tgt):
         s_t, s_other, _, _ = k.row_stats(x, rows, tgt, None, 0.0, 0.0, stable=True)
@@ -37,9 +37,8 @@ def _triton():
 def _cpp():
     C = _ext.get()
 
-    def softmax_stats(x, rows, tgt, cw, ls, softcap):  # the C++ epilogue returns fl(lse): no residual
-        lse, zt, zs = C.ce_rows_forward(x[rows].float().contiguous(), tgt, cw, ls, softcap)
-        return lse, torch.zeros_like(lse), zt, zs
+    def softmax_stats(x, rows, tgt, cw, ls, softcap):
+        return C.ce_rows_forward(x[rows].float().contiguous(), tgt, cw, ls, softcap)
 
     def stablemax_stats(x, rows, tgt):
         return C.stablemax_rows_forward(x[rows].float().contiguous(), tgt)
@@ -51,8 +50,8 @@ def _cpp():
         if stable:
             dz = C.stablemax_rows_backward_(z, tgt, norm[rows], cp[rows], ct[rows])
         else:
-            dz = C.ce_rows_backward_(z, tgt.clamp(min=0), cw, norm[rows], cp[rows], ct[rows] * (tgt >= 0),
-                                     cu[rows], softcap)
+            dz = C.ce_rows_backward_(z, tgt.clamp(min=0), cw, norm[rows], norm_lo[rows], cp[rows],
+                                     ct[rows] * (tgt >= 0), cu[rows], softcap)
         dx = torch.zeros_like(x)
         dx[rows] = dz.to(x.dtype)
         return dx

@@ -36,26 +36,37 @@ def chunk_bytes() -> int:
     return int(float(mb) * 2**20) if mb else DEFAULT_CHUNK_BYTES
 
 
+def split_lse(m, log_sum):
+    """``lse = m + log_sum`` as an fp32 pair ``(hi, lo)``, ``hi = fl(lse)``, ``lo`` its rounding residual
+    (``m`` is the row max, or 0 where that is infinite, and ``log_sum = log sum_j exp(z_j - m)``)."""
+    hi = m + log_sum
+    return hi, torch.where(hi.isfinite(), (m - hi) + log_sum, 0.0)
+
+
 def rows_forward(z, target, class_weight, label_smoothing, softcap):
-    """Per-row ``(lse, z'_target, sum_j omega_j z'_j)`` of raw fp32 logits ``z`` (n x V)."""
+    """Per-row ``(lse, lse_lo, z'_target, sum_j omega_j z'_j)`` of raw fp32 logits ``z`` (n x V); the LSE is
+    the fp32 pair of :func:`split_lse`, so that ``(lse - z'_y) + lse_lo`` resolves losses below ``ulp(lse)``."""
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=-1)
+    m = z.amax(-1)
+    m = torch.where(m.isinf(), 0.0, m)
+    lse, lse_lo = split_lse(m, torch.log(torch.exp(z - m[:, None]).sum(-1)))
     z_target = z.gather(1, target[:, None]).squeeze(1)
     if label_smoothing > 0:
         z_smooth = (z @ class_weight) if class_weight is not None else z.sum(-1)
     else:
         z_smooth = torch.zeros_like(lse)
-    return lse, z_target, z_smooth
+    return lse, lse_lo, z_target, z_smooth
 
 
-def rows_backward_(z, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap):
-    """Overwrite raw fp32 logits ``z`` (n x V) with ``dL/dz`` (see the module docstring)."""
+def rows_backward_(z, target, class_weight, lse, lse_lo, coef_p, coef_target, coef_uniform, softcap):
+    """Overwrite raw fp32 logits ``z`` (n x V) with ``dL/dz`` (see the module docstring);
+    ``p = exp((z' - lse) - lse_lo)``."""
     if softcap > 0:
         z.div_(softcap).tanh_()  # t = tanh(z / c); z' = c t; dz'/dz = 1 - t^2
         tanh = z.clone()
         z.mul_(softcap)
-    z.sub_(lse[:, None]).exp_().mul_(coef_p[:, None])
+    z.sub_(lse[:, None]).sub_(lse_lo[:, None]).exp_().mul_(coef_p[:, None])
     z.scatter_add_(1, target[:, None], -coef_target[:, None])
     if class_weight is not None:
         z.addr_(coef_uniform, class_weight, alpha=-1.0)
@@ -109,7 +120,8 @@ def _logits(x, w, bias):
 
 
 def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, budget=None, epilogue=rows_forward):
-    """Row statistics (``epilogue``'s, by default ``(lse, z'_target, z_smooth)``) of the hidden rows ``x[rows]``."""
+    """Row statistics (``epilogue``'s, by default ``(lse, lse_lo, z'_target, z_smooth)``) of the hidden rows
+    ``x[rows]``."""
     budget = budget or chunk_bytes()
     n, V = rows.numel(), w.shape[0]
     out = None
@@ -121,27 +133,28 @@ def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, bu
     return tuple(out)
 
 
-def backward(x, w, bias, rows, target, class_weight, lse, coef_p, coef_target, coef_uniform, softcap,
+def backward(x, w, bias, rows, target, class_weight, lse, lse_lo, coef_p, coef_target, coef_uniform, softcap,
              budget=None, epilogue=rows_backward_):
     """``(dx, dw, db)`` of ``sum_i (a_i lse_i - b_i z'_iy - c_i sum_j omega_j z'_ij)``, exact fp32 accumulation."""
     return _gradient_pass(x, w, bias, rows, target, class_weight, softcap, budget, epilogue,
-                          lambda lo, hi, z: (lse[lo:hi], coef_p[lo:hi], coef_target[lo:hi], coef_uniform[lo:hi]))
+                          lambda lo, hi, z: (lse[lo:hi], lse_lo[lo:hi], coef_p[lo:hi], coef_target[lo:hi],
+                                             coef_uniform[lo:hi]))
 
 
 def forward_backward(x, w, bias, rows, target, class_weight, label_smoothing, z_loss, softcap, grad_loss, omega_target,
                      smooth_total, budget=None, epilogue=rows_forward, backward_epilogue=rows_backward_):
-    """Row statistics ``(lse, z'_target, z_smooth)`` and ``(dx, dw, db)`` for a per-token upstream gradient
+    """Row statistics ``(lse, lse_lo, z'_target, z_smooth)`` and ``(dx, dw, db)`` for a per-token upstream gradient
     ``grad_loss`` known at forward time (the mean and sum reductions), in one pass over the chunks: each
     chunk's logits are computed once, instead of again in the backward."""
     V, n = w.shape[0], rows.numel()
-    stats = [torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(3)]
+    stats = [torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(4)]
     no_lse_grad = torch.zeros_like(grad_loss)
 
     def coefficients(lo, hi, z):
         chunk = epilogue(z, target[lo:hi], class_weight, label_smoothing, softcap)
         for o, r in zip(stats, chunk):
             o[lo:hi] = r
-        return (chunk[0],) + grad_coefficients(grad_loss[lo:hi], no_lse_grad[lo:hi], chunk[0], omega_target[lo:hi],
+        return chunk[:2] + grad_coefficients(grad_loss[lo:hi], no_lse_grad[lo:hi], chunk[0], omega_target[lo:hi],
                                                smooth_total, label_smoothing, z_loss, V)
 
     grads = _gradient_pass(x, w, bias, rows, target, class_weight, softcap, budget, backward_epilogue, coefficients)
@@ -149,7 +162,7 @@ def forward_backward(x, w, bias, rows, target, class_weight, label_smoothing, z_
 
 
 def _gradient_pass(x, w, bias, rows, target, class_weight, softcap, budget, epilogue, coefficients):
-    """Chunk loop of the gradients: ``coefficients(lo, hi, z)`` gives each chunk's ``(lse, a, b, c)``."""
+    """Chunk loop of the gradients: ``coefficients(lo, hi, z)`` gives each chunk's ``(lse, lse_lo, a, b, c)``."""
     budget = budget or chunk_bytes()
     n, V = rows.numel(), w.shape[0]
     dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)

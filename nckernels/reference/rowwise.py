@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_cross_entropy import rows_backward_
+from .linear_cross_entropy import rows_backward_, rows_forward
 
 
 def stablemax_s(x):
@@ -43,25 +43,9 @@ def normalize_backward(x, y, dy, log: bool, stable: bool):
     return dx.to(y.dtype)
 
 
-def split_lse(m, log_sum):
-    """``lse = m + log_sum`` as an fp32 pair ``(hi, lo)``, ``hi = fl(lse)``, ``lo`` its rounding residual
-    (``m`` is the row max, or 0 where that is infinite, and ``log_sum = log sum_j exp(z_j - m)``)."""
-    hi = m + log_sum
-    return hi, torch.where(hi.isfinite(), (m - hi) + log_sum, 0.0)
-
-
 def softmax_stats(x, rows, target, class_weight, label_smoothing, softcap):
     """``(lse_hi, lse_lo, z'_target, sum_j omega_j z'_j)`` of the rows ``x[rows]`` (fp32)."""
-    z = x[rows].float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
-    m = z.amax(-1)
-    m = torch.where(m.isinf(), 0.0, m)
-    hi, lo = split_lse(m, torch.log(torch.exp(z - m[:, None]).sum(-1)))
-    z_smooth = torch.zeros_like(hi)
-    if label_smoothing > 0:
-        z_smooth = (z @ class_weight) if class_weight is not None else z.sum(-1)
-    return hi, lo, z.gather(1, target[:, None]).squeeze(1), z_smooth
+    return rows_forward(x[rows].float(), target, class_weight, label_smoothing, softcap)
 
 
 def stablemax_stats(x, rows, target):
@@ -75,8 +59,9 @@ def stablemax_rows_forward(z, target, class_weight=None, label_smoothing=0.0, so
     return s.gather(1, target[:, None]).squeeze(1), s.scatter_(1, target[:, None], 0.0).sum(-1)
 
 
-def stablemax_rows_backward_(z, target, class_weight, norm, coef_p, coef_t, coef_u=None, softcap=0.0):
-    """Overwrite fp32 logits ``z`` with ``(a s(z) / S - b [j = y]) / (1 + |z|)``."""
+def stablemax_rows_backward_(z, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u=None, softcap=0.0):
+    """Overwrite fp32 logits ``z`` with ``(a s(z) / S - b [j = y]) / (1 + |z|)`` (``norm = S``; the other
+    arguments mirror :func:`rows_backward_` and are unused)."""
     inv = 1 / (1 + z.abs())
     z.copy_(stablemax_s(z)).div_(norm[:, None]).mul_(coef_p[:, None])
     z.scatter_add_(1, target[:, None], -coef_t[:, None])
@@ -91,11 +76,10 @@ def dlogits(x, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, soft
     z = x[rows].float()
     tgt = target[rows]
     if stable:
-        dz = stablemax_rows_backward_(z, tgt, None, norm[rows], coef_p[rows], coef_t[rows])
+        dz = stablemax_rows_backward_(z, tgt, None, norm[rows], None, coef_p[rows], coef_t[rows])
     else:
-        lse = norm[rows].double() + norm_lo[rows].double()  # z - lse evaluated in float64
-        dz = rows_backward_(z, tgt.clamp(min=0), class_weight, lse, coef_p[rows], coef_t[rows] * (tgt >= 0),
-                            coef_u[rows], softcap)
+        dz = rows_backward_(z, tgt.clamp(min=0), class_weight, norm[rows], norm_lo[rows], coef_p[rows],
+                            coef_t[rows] * (tgt >= 0), coef_u[rows], softcap)
     dx = torch.zeros_like(x)
     dx[rows] = dz.to(x.dtype)
     return dx
