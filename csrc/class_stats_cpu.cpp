@@ -48,28 +48,8 @@
 
 #define NCK_CLASS_STATS_KERNELS 1
 
-#define NCK_ISA isa_generic
-#include "class_stats_cpu.cpp"
-#undef NCK_ISA
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NCK_CS_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2,f16c")
-#define NCK_ISA isa_avx2
-#include "class_stats_cpu.cpp"
-#undef NCK_ISA
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi,bmi2,f16c,prefer-vector-width=512")
-#define NCK_ISA isa_avx512
-#include "class_stats_cpu.cpp"
-#undef NCK_ISA
-#pragma GCC pop_options
-#else
-#define NCK_CS_MULTI_ISA 0
-#endif
+#define NCK_ISA_KERNELS "class_stats_cpu.cpp"
+#include "nck_multi_isa.h"
 
 namespace {
 
@@ -87,7 +67,7 @@ const ClassStatsKernels kClassStatsIsas[] = {
      {isa_generic::chunk_stats<isa_generic::kF32>, isa_generic::chunk_stats<isa_generic::kF64>,
       isa_generic::chunk_stats<isa_generic::kBF16>, isa_generic::chunk_stats<isa_generic::kF16>},
      isa_generic::merge_chunks},
-#if NCK_CS_MULTI_ISA
+#if NCK_MULTI_ISA
     {"avx2",
      {isa_avx2::chunk_stats<isa_avx2::kF32>, isa_avx2::chunk_stats<isa_avx2::kF64>,
       isa_avx2::chunk_stats<isa_avx2::kBF16>, isa_avx2::chunk_stats<isa_avx2::kF16>},
@@ -331,6 +311,16 @@ static inline void prefetch_rows(const T* x, int64_t D, const int64_t* rows, int
   }
 }
 
+// mean[0..D) <- sum / n and acc[0..D) <- 0: the set-up of a pass of squared residuals about the mean.
+static inline void start_residuals(const double* __restrict sum, int64_t n, int64_t D, double* __restrict mean,
+                                   double* __restrict acc) {
+  const double dn = static_cast<double>(n);
+  for (int64_t d = 0; d < D; ++d) {
+    mean[d] = sum[d] / dn;
+    acc[d] = 0.0;
+  }
+}
+
 // Sum and M2 (about their own mean) of the n rows x[rows[i] * D .. + D) in double:
 // sum[0..D) <- the sum, *m2 <- sum_i ||x_i - sum / n||^2 (0 when n <= 1). buf: 2 D doubles.
 // rows[0..ahead) may be read (ahead >= n): the rows past n are only prefetched.
@@ -364,11 +354,7 @@ static void chunk_stats(const void* xv, int64_t D, const int64_t* __restrict row
   }
   double* __restrict mean = buf;
   double* __restrict acc = buf + D;
-  const double dn = static_cast<double>(n);
-  for (int64_t d = 0; d < D; ++d) {
-    mean[d] = sum[d] / dn;
-    acc[d] = 0.0;
-  }
+  start_residuals(sum, n, D, mean, acc);
   for (i = 0; i + 4 <= n; i += 4) {
     const T* __restrict a = x + rows[i] * D;
     const T* __restrict b = x + rows[i + 1] * D;
@@ -405,11 +391,7 @@ static double merge_chunks(const double* __restrict chunk_sum, const double* __r
   }
   double* __restrict mean = buf;
   double* __restrict acc = buf + D;
-  const double dn = static_cast<double>(n);
-  for (int64_t d = 0; d < D; ++d) {
-    mean[d] = sum[d] / dn;
-    acc[d] = 0.0;
-  }
+  start_residuals(sum, n, D, mean, acc);
   double m2 = 0.0;
   for (int64_t k = 0; k < nchunks; ++k) {
     const double* __restrict s = chunk_sum + k * D;

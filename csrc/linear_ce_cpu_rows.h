@@ -1,7 +1,7 @@
 // Per-row epilogues of the CPU linear cross-entropy (see csrc/linear_ce_cpu.cpp).
 //
-// This header is included once per instruction set by linear_ce_cpu.cpp, each time inside
-// its own `namespace NCK_ISA` and (on x86-64 GCC) under a `#pragma GCC target(...)`, so
+// This header is included once per instruction set by linear_ce_cpu.cpp (through nck_multi_isa.h),
+// each time inside its own `namespace NCK_ISA` and (on x86-64 GCC) under a `#pragma GCC target(...)`, so
 // that the same plain C++ loops are auto-vectorised for SSE2, AVX2 and AVX-512 and the
 // best one is picked at run time. It must stay free of includes and of std:: templates.
 //

@@ -24,28 +24,8 @@
 
 #include "nck_ext.h"
 
-#define NCK_ISA isa_generic
-#include "stablemax_cpu_rows.h"
-#undef NCK_ISA
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NCK_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2,f16c")
-#define NCK_ISA isa_avx2
-#include "stablemax_cpu_rows.h"
-#undef NCK_ISA
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,bmi,bmi2,f16c,prefer-vector-width=512")
-#define NCK_ISA isa_avx512
-#include "stablemax_cpu_rows.h"
-#undef NCK_ISA
-#pragma GCC pop_options
-#else
-#define NCK_MULTI_ISA 0
-#endif
+#define NCK_ISA_KERNELS "stablemax_cpu_rows.h"
+#include "nck_multi_isa.h"
 
 namespace {
 

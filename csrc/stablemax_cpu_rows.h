@@ -1,6 +1,6 @@
 // Per-row StableMax epilogues (see csrc/stablemax_cpu.cpp).
 //
-// Like linear_ce_cpu_rows.h, this header is included once per instruction set by
+// Like linear_ce_cpu_rows.h, this header is included once per instruction set (nck_multi_isa.h) by
 // stablemax_cpu.cpp, each time inside its own `namespace NCK_ISA` and (on x86-64 GCC) under a
 // `#pragma GCC target(...)`, so that the same plain loops are auto-vectorised for SSE2, AVX2
 // and AVX-512. It must stay free of includes and of std:: templates.
