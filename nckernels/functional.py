@@ -138,11 +138,12 @@ def linear_stablemax_cross_entropy(
     return loss[..., :-1] if reduction == "none" and shift else loss
 
 
-def _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, shift, impl):
-    """Check the arguments of the linear losses; return flat ``(x, w, b, target, class_weight)``,
-    the unreduced loss shape and the backend."""
+def _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, shift, impl,
+                    weight_name="linear_weight"):
+    """Check the arguments of the linear losses (errors call the weight matrix ``weight_name``); return flat
+    ``(x, w, b, target, class_weight)``, the unreduced loss shape and the backend."""
     _check_tensor("input", input, dtypes=_FLOAT_DTYPES)
-    _check_tensor("linear_weight", linear_weight, ndim=2)
+    _check_tensor(weight_name, linear_weight, ndim=2)
     _check_tensor("target", target)
     if torch.is_autocast_enabled(input.device.type):  # the linear layer runs in autocast's dtype, like F.linear
         cast = torch.get_autocast_dtype(input.device.type)
@@ -151,10 +152,10 @@ def _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction
     if input.dim() < 1:
         raise ValueError("input must have at least 1 dimension (..., D)")
     if linear_weight.dtype != input.dtype:
-        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must match input dtype {input.dtype}")
+        raise TypeError(f"{weight_name} dtype {linear_weight.dtype} must match input dtype {input.dtype}")
     V, D = linear_weight.shape
     if input.shape[-1] != D:
-        raise ValueError(f"input has {input.shape[-1]} features but linear_weight has shape {(V, D)}")
+        raise ValueError(f"input has {input.shape[-1]} features but {weight_name} has shape {(V, D)}")
     if target.is_floating_point() or target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
     if target.shape != input.shape[:-1]:
@@ -171,7 +172,7 @@ def _prepare_linear(input, linear_weight, target, linear_bias, weight, reduction
             raise TypeError(f"weight (class weights) must be floating point, got {weight.dtype}")
         if weight.shape[0] != V:
             raise ValueError(f"weight (class weights) must have shape ({V},), got {tuple(weight.shape)}")
-    for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias),
+    for name, t in ((weight_name, linear_weight), ("target", target), ("linear_bias", linear_bias),
                     ("weight", weight)):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")

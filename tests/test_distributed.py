@@ -190,8 +190,12 @@ def vocab_parallel_bad_arguments(rank, pair):
     for grp in groups(rank, pair):
         lo, hi = even_shards(V, grp.size)[grp.rank]
         call = dict(group=grp.group, vocab_start=lo)
-        with pytest.raises(ValueError, match="weight_shard"):
+        with pytest.raises(ValueError, match="features but weight_shard has shape"):
             vocab_parallel_cross_entropy(x, torch.randn(hi - lo, D + 1), t, **call)
+        with pytest.raises(TypeError, match="weight_shard dtype"):
+            vocab_parallel_cross_entropy(x, w[lo:hi].double(), t, **call)
+        with pytest.raises(ValueError, match="weight_shard must hold at least one class"):
+            vocab_parallel_cross_entropy(x, torch.randn(0, D), t, **call)
         with pytest.raises(ValueError, match="target"):
             vocab_parallel_cross_entropy(x, w[lo:hi], torch.full_like(t, V), **call)
         with pytest.raises(ValueError, match="vocab_start"):  # every rank claims [0, V_r): overlaps

@@ -123,15 +123,13 @@ def vocab_parallel_cross_entropy(
         _check_scalar("softcap", softcap, low=0.0, strict_low=True)
     if grad_filter is not None:
         _check_scalar("grad_filter", grad_filter, low=0.0, strict_low=True)
-    _check_tensor("weight_shard", weight_shard, ndim=2)
-    if weight_shard.shape[0] == 0:
-        raise ValueError("weight_shard must hold at least one class (row)")
-    if isinstance(input, Tensor) and input.dim() and input.shape[-1] != weight_shard.shape[1]:
-        raise ValueError(f"input has {input.shape[-1]} features but weight_shard has shape {tuple(weight_shard.shape)}")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
     x, w, bias, tgt, class_weight, shape, backend = _prepare_linear(input, weight_shard, target, linear_bias, weight,
-                                                                    reduction, ignore_index, shift, impl)
+                                                                    reduction, ignore_index, shift, impl,
+                                                                    weight_name="weight_shard")
+    if w.shape[0] == 0:
+        raise ValueError("weight_shard must hold at least one class (row)")
     if grad_filter is not None and backend != "triton":
         raise ValueError(f"grad_filter is implemented by the Triton backend only (impl resolved to {backend!r})")
     num_classes, smooth_total = _vocabulary(vocab_start, w.shape[0], class_weight, group, x.device)
