@@ -12,6 +12,9 @@ fp32 ``logits (N, V)`` (``randn * 4``, a tenth of the targets ``-100``):
 * ``nckernels-reference``: the same functions with ``impl="reference"`` (PyTorch ops);
 * ``torch``: ``F.cross_entropy``; for StableMax the paper's reference code (Prieto et al. 2025):
   ``s(x)`` in float64, ``log(s / sum s)``, ``nll_loss`` — their implementation casts to float64.
+  Its gradient is NaN at every logit equal to 1.0 (``torch.where`` differentiates the unused
+  ``1 / (1 - x)`` branch); at 4,096 x 32,000 ``randn * 4`` logits that happens about once per
+  call. The check skips those entries (only them) and records their count.
 
 Results are checked against the first contender (loss to 1e-5, gradient to 1e-5 relative to its
 largest entry). Peak memory is measured in a fresh subprocess per contender (see ``_common.py``).
@@ -98,7 +101,15 @@ if pytest is not None:
         value, grad = fwd_bwd(fn, logits, target)
         ref_value, ref_grad = first_results.setdefault((loss, shape), (value, grad))
         torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
-        assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max(), name
+        nan_grads = ~grad.isfinite()
+        if loss == "stablemax_cross_entropy" and name == "torch":
+            # the paper's code differentiates through 1 / (1 - x) at x = 1.0: NaN there (and only there)
+            assert bool((logits[nan_grads] == 1.0).all()), "non-finite gradient away from x = 1.0"
+            benchmark.extra_info["nan_gradient_entries"] = int(nan_grads.sum())
+        else:
+            assert not nan_grads.any(), name
+        finite = ~nan_grads
+        assert (grad - ref_grad)[finite].abs().max() <= 1e-5 * ref_grad[finite].abs().max(), name
 
         benchmark.group = f"{loss} fwd+bwd N={shape[0]} V={shape[1]} fp32"
         benchmark.extra_info.update(N=shape[0], V=shape[1], loss=loss, torch=torch.__version__,
