@@ -4,7 +4,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 export TRITON_INTERPRET=1 PYTHONUNBUFFERED=1
 python -m pytest tests -q -p no:cacheprovider "$@"
-python -m pytest benchmarks/bench_cpu.py -q -p no:cacheprovider --benchmark-disable -k N512  # one shape: a smoke run
+python -m pytest benchmarks/bench_cpu.py -q -p no:cacheprovider --benchmark-disable -k smoke
 python -m pytest benchmarks/bench_cpu_collapse.py -q -p no:cacheprovider --benchmark-disable -k smoke
 python -m pytest benchmarks/bench_cpu_rowwise.py -q -p no:cacheprovider --benchmark-disable -k smoke
 python -m pytest benchmarks/bench_cpu_margin.py -q -p no:cacheprovider --benchmark-disable -k smoke
