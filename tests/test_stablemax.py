@@ -24,8 +24,8 @@ from oracle_rowwise import (
     stablemax_oracle,
     stablemax_s_oracle,
 )
-from test_rowwise import (ALL_LENGTHS, LAYOUTS, ROW_CFGS, ROW_CFGS_FP32, ROW_CFGS_LAYOUT, ROW_LENGTHS, make_ce_case,
-                          n_rows, need_cpp, pairwise_subset, upstream)
+from test_rowwise import (ALL_LENGTHS, LAYOUTS, ROW_CFGS, ROW_CFGS_FP32, ROW_CFGS_LAYOUT, ROW_LENGTHS, check_ce,
+                          make_ce_case, n_rows, need_cpp, pairwise_subset, upstream)
 
 OPS = {
     "stablemax": (nk.stablemax, stablemax_oracle),
@@ -174,6 +174,20 @@ def test_stablemax_ce_lengths(ccfg, C):
     case = make_ce_case(cfg, (n_rows(cfg, C), C), weight=True, ignore="some" if C > 1 else "none", seed=C,
                         scale=3.0)
     check_smce(cfg, case, reduction="sum")
+
+
+REFERENCE_FP32 = next(c for c, _ in CONFIGS if c.impl == "reference" and c.dtype == torch.float32)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "stablemax_cross_entropy"])
+def test_reference_in_row_chunks(monkeypatch, loss):
+    """The reference's row statistics and gradient in chunks of 2 rows (budget of 1 KiB) equal the oracle."""
+    monkeypatch.setenv("NCKERNELS_REFERENCE_CHUNK_MB", str(1 / 1024))
+    case = make_ce_case(REFERENCE_FP32, (13, 37), weight=True, ignore="some", seed=4, scale=3.0)
+    if loss == "cross_entropy":
+        check_ce(REFERENCE_FP32, case, reduction="none", label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    else:
+        check_smce(REFERENCE_FP32, case, reduction="none")
 
 
 CONFIDENT = [1e2, 1e4, 1e6, 1e8]

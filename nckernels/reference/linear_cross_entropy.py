@@ -122,12 +122,18 @@ def _logits(x, w, bias):
 def forward(x, w, bias, rows, target, class_weight, label_smoothing, softcap, budget=None, epilogue=rows_forward):
     """Row statistics (``epilogue``'s, by default ``(lse, lse_lo, z'_target, z_smooth)``) of the hidden rows
     ``x[rows]``."""
-    budget = budget or chunk_bytes()
-    n, V = rows.numel(), w.shape[0]
+    return map_row_chunks(rows.numel(), w.shape[0], x.device, budget, lambda lo, hi: epilogue(
+        _logits(x[rows[lo:hi]], w, bias), target[lo:hi], class_weight, label_smoothing, softcap))
+
+
+def map_row_chunks(n_rows, num_classes, device, budget, stats_of):
+    """The fp32 per-row statistics ``stats_of(lo, hi)`` (a tuple of vectors of rows ``lo:hi``) over chunks
+    of rows whose fp32 logits fit ``budget`` (default :func:`chunk_bytes`), concatenated (no rows: one empty
+    chunk)."""
     out = None
-    for lo, hi in _row_chunks(n, V, budget):
-        stats = epilogue(_logits(x[rows[lo:hi]], w, bias), target[lo:hi], class_weight, label_smoothing, softcap)
-        out = out or [torch.empty(n, dtype=torch.float32, device=x.device) for _ in stats]
+    for lo, hi in list(_row_chunks(n_rows, num_classes, budget or chunk_bytes())) or [(0, 0)]:
+        stats = stats_of(lo, hi)
+        out = out or [torch.empty(n_rows, dtype=torch.float32, device=device) for _ in stats]
         for o, r in zip(out, stats):
             o[lo:hi] = r
     return tuple(out)

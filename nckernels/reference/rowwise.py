@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear_cross_entropy import rows_backward_, rows_forward
+from .linear_cross_entropy import _row_chunks, chunk_bytes, map_row_chunks, rows_backward_, rows_forward
 
 
 def stablemax_s(x):
@@ -44,13 +44,15 @@ def normalize_backward(x, y, dy, log: bool, stable: bool):
 
 
 def softmax_stats(x, rows, target, class_weight, label_smoothing, softcap):
-    """``(lse_hi, lse_lo, z'_target, sum_j omega_j z'_j)`` of the rows ``x[rows]`` (fp32)."""
-    return rows_forward(x[rows].float(), target, class_weight, label_smoothing, softcap)
+    """``(lse_hi, lse_lo, z'_target, sum_j omega_j z'_j)`` of the rows ``x[rows]`` (fp32), in row chunks."""
+    return map_row_chunks(rows.numel(), x.shape[1], x.device, None, lambda lo, hi: rows_forward(
+        x[rows[lo:hi]].float(), target[lo:hi], class_weight, label_smoothing, softcap))
 
 
 def stablemax_stats(x, rows, target):
-    """``(s(x_y), sum_{j != y} s(x_j))`` of the rows ``x[rows]`` (fp32)."""
-    return stablemax_rows_forward(x[rows].float(), target)
+    """``(s(x_y), sum_{j != y} s(x_j))`` of the rows ``x[rows]`` (fp32), in row chunks."""
+    return map_row_chunks(rows.numel(), x.shape[1], x.device, None,
+                          lambda lo, hi: stablemax_rows_forward(x[rows[lo:hi]].float(), target[lo:hi]))
 
 
 def stablemax_rows_forward(z, target, class_weight=None, label_smoothing=0.0, softcap=0.0):
@@ -69,17 +71,17 @@ def stablemax_rows_backward_(z, target, class_weight, norm, norm_lo, coef_p, coe
 
 
 def dlogits(x, target, class_weight, norm, norm_lo, coef_p, coef_t, coef_u, softcap, ignore_index, stable):
-    """``dL/dx`` for every row (``norm (+ norm_lo)``: the LSE as an fp32 pair, or ``S`` for StableMax);
-    ignored rows get 0."""
-    active = target != ignore_index
-    rows = active.nonzero().squeeze(1)
-    z = x[rows].float()
-    tgt = target[rows]
-    if stable:
-        dz = stablemax_rows_backward_(z, tgt, None, norm[rows], None, coef_p[rows], coef_t[rows])
-    else:
-        dz = rows_backward_(z, tgt.clamp(min=0), class_weight, norm[rows], norm_lo[rows], coef_p[rows],
-                            coef_t[rows] * (tgt >= 0), coef_u[rows], softcap)
+    """``dL/dx`` for every row (``norm (+ norm_lo)``: the LSE as an fp32 pair, or ``S`` for StableMax),
+    in row chunks of at most :func:`chunk_bytes` of fp32 temporaries; ignored rows get 0."""
+    active_rows = (target != ignore_index).nonzero().squeeze(1)
     dx = torch.zeros_like(x)
-    dx[rows] = dz.to(x.dtype)
+    for lo, hi in _row_chunks(active_rows.numel(), x.shape[1], chunk_bytes()):
+        rows = active_rows[lo:hi]
+        z, tgt = x[rows].float(), target[rows]
+        if stable:
+            dz = stablemax_rows_backward_(z, tgt, None, norm[rows], None, coef_p[rows], coef_t[rows])
+        else:
+            dz = rows_backward_(z, tgt.clamp(min=0), class_weight, norm[rows], norm_lo[rows], coef_p[rows],
+                                coef_t[rows] * (tgt >= 0), coef_u[rows], softcap)
+        dx[rows] = dz.to(x.dtype)
     return dx
