@@ -3,9 +3,10 @@
 The forward returns the per-token loss and log-sum-exp, the latter as an fp32 pair ``(lse, lse_lo)``
 (``lse_lo``: the rounding residual of ``fl(lse)``; zeros at ignored tokens); the loss
 ``(lse - z_y) + lse_lo`` and the backward's ``p = exp((z - lse) - lse_lo)`` stay exact on confident
-tokens whose loss is far below ``ulp(lse)``. The backward recomputes logits tiles from the saved pair. Both take flat ``x (M, D)`` and
-``target (M,)``; reductions, shapes and argument checks live in ``functional.py``. The math
-and the per-token gradient coefficients are in ``reference/linear_cross_entropy.py``.
+tokens whose loss is far below ``ulp(lse)``. The backward recomputes logits tiles from the saved
+pair. Both take flat ``x (M, D)`` and ``target (M,)``; reductions, shapes and argument checks live
+in ``functional.py``. The math and the per-token gradient coefficients are in
+``reference/linear_cross_entropy.py``.
 """
 from __future__ import annotations
 
